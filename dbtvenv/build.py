@@ -1,0 +1,220 @@
+"""Build an env in place: a venv without pip, one installer run against its interpreter, then
+the manifest, written last. Installers are pip (the default) and uv."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dbtvenv import __version__, procs
+from dbtvenv.errors import BuildError, VenvDirError
+from dbtvenv.progress import Reporter
+from dbtvenv.redact import redact, redact_all
+from dbtvenv.spec import EnvSpec
+from dbtvenv.store import write_manifest
+
+# Never leak into a helper: they would load the wrong modules, or skip compiling bytecode.
+_HELPER_ENV_REMOVE = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+_LIST_DISTRIBUTIONS = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps(sorted({(d.metadata['Name'], d.version) for d in m.distributions() "
+    "if d.metadata['Name']})))"
+)
+
+
+def find_uv() -> str:
+    """uv from the optional extra `dbtvenv[uv]`, else from PATH."""
+    try:
+        from uv import find_uv_bin  # type: ignore[import-not-found, unused-ignore]
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        pass
+    found = shutil.which("uv")
+    if found is None:
+        raise BuildError(
+            "--installer uv: uv is not installed; install it with "
+            "\"pip install 'dbtvenv[uv]'\" or put uv on PATH, or use --installer pip"
+        )
+    return found
+
+
+def _host_pip() -> list[str] | None:
+    """pip of dbtvenv's own interpreter, if it can install into another (`--python`, 22.3+)."""
+    if importlib.util.find_spec("pip") is None:
+        return None
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("pip").split(".")[:2])
+    return [sys.executable, "-m", "pip"] if (major, minor) >= (22, 3) else None
+
+
+def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str]:
+    args: list[str] = []
+    for f in spec.requirements_files:
+        args += ["-r", str(f.path)]
+    for f in spec.constraints_files:
+        args += ["-c", str(f.path)]
+    args += [*spec.pip_install_options, *spec.requirements]
+    if installer == "uv":
+        return [
+            find_uv(),
+            "pip",
+            "install",
+            "--python",
+            str(env_python),
+            "--compile-bytecode",
+            *args,
+        ]
+    host_pip = _host_pip()
+    pip = [*host_pip, "--python", str(env_python)] if host_pip else [str(env_python), "-m", "pip"]
+    quiet = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
+    return [*pip, "install", *quiet, "--compile", "--no-warn-script-location", *args]
+
+
+def venv_command(installer: str, env_dir: Path, spec: EnvSpec) -> list[str]:
+    site = ["--system-site-packages"] if spec.system_site_packages else []
+    if installer == "uv":
+        return [
+            find_uv(),
+            "venv",
+            "--quiet",
+            "--python",
+            spec.python.executable,
+            *site,
+            str(env_dir),
+        ]
+    # ensurepip costs seconds; it is needed only when no pip here can install into the env
+    without_pip = ["--without-pip"] if _host_pip() else []
+    return [spec.python.executable, "-m", "venv", *without_pip, *site, str(env_dir)]
+
+
+def build_env(
+    env_dir: Path,
+    spec: EnvSpec,
+    *,
+    installer: str,
+    reporter: Reporter,
+    on_tick: Callable[[], None] = lambda: None,
+    tick: float = 1.0,
+) -> dict[str, Any]:
+    """Create, fill and verify the env at `env_dir` (which must not exist) and mark it complete.
+
+    On failure the half-built env is removed and a `BuildError` says why.
+    """
+    started = time.monotonic()
+    env = procs.child_environment(remove=_HELPER_ENV_REMOVE)
+    try:
+        reporter.phase(f"creating a virtual environment with Python {spec.python.version}")
+        _run(venv_command(installer, env_dir, spec), env, reporter, on_tick, tick, what="venv")
+        env_python = env_dir / "bin" / "python"
+        count = len(spec.requirements) + len(spec.requirements_files)
+        reporter.phase(f"installing {count} requirement(s) with {installer}")
+        _run(
+            install_command(installer, env_python, spec),
+            env,
+            reporter,
+            on_tick,
+            tick,
+            what=installer,
+        )
+        reporter.phase("verifying dbt")
+        if not os.access(env_dir / "bin" / "dbt", os.X_OK):
+            raise BuildError(
+                "the env has no dbt executable after install: the requirements hold no dbt "
+                "adapter or dbt-core; add one, e.g. --requirements 'dbt-postgres~=1.9.0'"
+            )
+        distributions = _list_distributions(env_python, env)
+        manifest = {
+            "format": 1,
+            "dbtvenv_version": __version__,
+            "key": env_dir.name,
+            "spec": spec.describe(),
+            "python": {
+                "executable": spec.python.executable,
+                "version": spec.python.version,
+                "implementation": spec.python.implementation,
+            },
+            "installer": installer,
+            "distributions": [{"name": n, "version": v} for n, v in distributions],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.monotonic() - started, 2),
+        }
+        write_manifest(env_dir, manifest)
+    except BaseException as exc:
+        shutil.rmtree(env_dir, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise VenvDirError(
+                f"cannot build the env in {env_dir}: {exc.strerror or exc}; "
+                "check free space and permissions of the venv dir"
+            ) from None
+        raise
+    finally:
+        reporter.close()
+    return manifest
+
+
+def _run(
+    argv: Sequence[str],
+    env: dict[str, str],
+    reporter: Reporter,
+    on_tick: Callable[[], None],
+    tick: float,
+    *,
+    what: str,
+) -> None:
+    try:
+        result = procs.run_captured(
+            argv, env=env, on_line=reporter.detail, on_tick=on_tick, tick=tick
+        )
+    except FileNotFoundError as exc:
+        raise BuildError(f"cannot run {what}: {exc.filename} not found") from None
+    if result.returncode != 0:
+        raise BuildError(
+            _failure_message(what, result.returncode, result.tail), redact_all(result.tail)
+        )
+
+
+_NO_DISTRIBUTION = re.compile(r"No matching distribution found for (\S+)")
+
+
+def _failure_message(what: str, returncode: int, tail: Sequence[str]) -> str:
+    text = "\n".join(tail)
+    missing = _NO_DISTRIBUTION.search(text)
+    if missing:
+        return (
+            f"{what} found no distribution for {redact(missing.group(1))}: check the "
+            "requirement's name and version, and the index in --pip-install-options"
+        )
+    if "No space left on device" in text:
+        return f"{what} ran out of disk space while building the env; free some space and retry"
+    if what == "venv":
+        return (
+            f"creating the virtual environment failed (exit {returncode}); "
+            "check that --python is a complete Python with the venv module"
+        )
+    return (
+        f"{what} failed (exit {returncode}) while installing the env; fix the requirements or "
+        f"--pip-install-options as {what}'s last lines below say, then retry"
+    )
+
+
+def _list_distributions(env_python: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+    result = procs.run_captured([str(env_python), "-I", "-c", _LIST_DISTRIBUTIONS], env=env)
+    try:
+        if result.returncode != 0:
+            raise ValueError
+        return [(str(n), str(v)) for n, v in json.loads(result.tail[-1])]
+    except (ValueError, IndexError):
+        raise BuildError(
+            "the env's interpreter does not run after install", redact_all(result.tail)
+        ) from None

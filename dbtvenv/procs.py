@@ -1,0 +1,191 @@
+"""Process identity and the one place that starts child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# Two create times of one process as psutil reports them may differ by rounding; a reused PID
+# is a process started later, far more than this.
+CREATE_TIME_TOLERANCE = 1.0
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _prctl(option: int, value: int) -> bool:
+    libc = _load_libc()
+    return libc is not None and int(libc.prctl(option, value, 0, 0, 0)) == 0
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants get reparented to us, so none can escape the final clean-up."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    pid: int
+    create_time: float
+    hostname: str
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def own_identity() -> ProcessIdentity:
+    import psutil
+
+    pid = os.getpid()
+    return ProcessIdentity(pid, psutil.Process(pid).create_time(), hostname())
+
+
+def is_running(pid: int, create_time: float) -> bool:
+    """Whether that very process (not a later one with a reused PID) still runs on this host."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - create_time) <= CREATE_TIME_TOLERANCE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def pid_exists(pid: int) -> bool:
+    import psutil
+
+    return bool(psutil.pid_exists(pid))
+
+
+def child_setup(*, new_process_group: bool) -> Callable[[], None]:
+    """What a child does between fork and exec: die with us, and optionally lead its own group.
+
+    The parent-death signal makes a SIGKILLed dbtvenv take its children along, so no pip keeps
+    writing into a half-built env and no dbt runs on as an orphan.
+    """
+    parent = os.getpid()
+    libc = _load_libc()  # before fork: nothing to load in the child
+
+    def setup() -> None:
+        if new_process_group:
+            os.setpgid(0, 0)
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(128 + signal.SIGKILL)
+
+    return setup
+
+
+def child_environment(remove: Sequence[str] = (), **updates: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in remove}
+    env.update(updates)
+    return env
+
+
+@dataclass(frozen=True)
+class Captured:
+    returncode: int
+    tail: tuple[str, ...]
+
+
+def run_captured(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    on_line: Callable[[str], None] = lambda line: None,
+    on_tick: Callable[[], None] = lambda: None,
+    tick: float = 1.0,
+    tail_lines: int = 30,
+) -> Captured:
+    """Run a helper (venv, pip, uv) with its output merged and read line by line.
+
+    `on_tick` runs at least every `tick` seconds while the child lives (a lock holder refreshes
+    its lease there). On any exception, the child's whole process group is killed first.
+    """
+    tail: deque[str] = deque(maxlen=tail_lines)
+    proc = subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=child_setup(new_process_group=True),
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], tick)
+            on_tick()
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                tail.append(line)
+                on_line(line)
+        if pending:
+            line = pending.decode("utf-8", "replace")
+            tail.append(line)
+            on_line(line)
+        while True:
+            try:
+                returncode = proc.wait(timeout=tick)
+                break
+            except subprocess.TimeoutExpired:
+                on_tick()
+    except BaseException:
+        kill_group(proc.pid)
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    return Captured(returncode, tuple(tail))
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process below us and reap it (we are their subreaper)."""
+    import psutil
+
+    me = psutil.Process()
+    for _ in range(10):  # a dying child may have just forked: look again until none is left
+        children = me.children(recursive=True)
+        if not children:
+            return
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=2)
+        time.sleep(0.01)

@@ -1,0 +1,35 @@
+"""Run-time settings that are not part of the env spec."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from dbtvenv.errors import UsageError
+
+INSTALLERS = ("pip", "uv")
+DEFAULT_LOCK_TIMEOUT = 120.0
+DEFAULT_KILL_GRACE = 30.0
+
+
+def env_seconds(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A duration in seconds from an environment variable; a bad value is a usage error."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise UsageError(f"{name}={raw!r} is not a number of seconds >= {minimum:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    installer: str = "pip"
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    lock_lease: float = 60.0
+    kill_grace: float = DEFAULT_KILL_GRACE
