@@ -38,7 +38,7 @@ test-airflow: dev
 
 demo: dev
 	cd examples/jaffle_duckdb && DBT_PROFILES_DIR=. \
-		$(CURDIR)/$(BIN)/dbtvenv build $(DEMO_REQUIREMENTS) --venv-dir $(DEMO_CACHE)
+		$(abspath $(BIN))/dbtvenv build $(DEMO_REQUIREMENTS) --venv-dir $(abspath $(DEMO_CACHE))
 
 bench: dev
 	$(BIN)/python benchmarks/bench.py

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtvenv import __version__, procs
-from dbtvenv.errors import BuildError, VenvDirError
+from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.redact import redact, redact_all
 from dbtvenv.spec import EnvSpec
@@ -48,14 +48,70 @@ def find_uv() -> str:
     return found
 
 
-def _host_pip() -> list[str] | None:
-    """pip of dbtvenv's own interpreter, if it can install into another (`--python`, 22.3+)."""
+# pip options about pip itself (its output, prompts, network tuning) that `uv pip install`
+# does not take; uv has its own defaults and UV_* variables (UV_HTTP_TIMEOUT) for them. Index,
+# find-links, binary and build options are spelt the same and pass through.
+_UV_DROPPED_FLAGS = frozenset(
+    {
+        "--no-input",
+        "--no-warn-script-location",
+        "--disable-pip-version-check",
+        "--no-clean",
+        "--require-virtualenv",
+    }
+)
+_UV_DROPPED_WITH_VALUE = frozenset(
+    {"--progress-bar", "--root-user-action", "--timeout", "--retries"}
+)
+
+
+def uv_pip_options(options: Sequence[str]) -> list[str]:
+    """--pip-install-options as `uv pip install` takes them (the key keeps the user's spelling)."""
+    out: list[str] = []
+    skip_value = False
+    for option in options:
+        if skip_value:
+            skip_value = False
+            continue
+        name = option.split("=", 1)[0]
+        if name in _UV_DROPPED_FLAGS:
+            continue
+        if name in _UV_DROPPED_WITH_VALUE:
+            skip_value = "=" not in option
+            continue
+        out.append(option)
+    return out
+
+
+def _host_pip(python_version: str) -> list[str] | None:
+    """pip of dbtvenv's own interpreter, if it can install into another (`--python`, 22.3+)
+    of that version: a pip runs only on the Pythons it supports (pip 25.3 needs 3.9+)."""
     if importlib.util.find_spec("pip") is None:
         return None
-    from importlib.metadata import version
+    from importlib.metadata import metadata, version
 
     major, minor = (int(part) for part in version("pip").split(".")[:2])
-    return [sys.executable, "-m", "pip"] if (major, minor) >= (22, 3) else None
+    if (major, minor) < (22, 3):
+        return None
+    requires_python = metadata("pip")["Requires-Python"]
+    if requires_python:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:
+            if python_version not in SpecifierSet(requires_python):
+                return None  # the env gets a pip of its own (ensurepip) instead
+        except InvalidSpecifier:
+            return None
+    return [sys.executable, "-m", "pip"]
+
+
+def _host_pip_runner() -> str | None:
+    """pip's own script for running this very pip under another interpreter (pip 22.3+)."""
+    found = importlib.util.find_spec("pip")
+    if found is None or found.origin is None:
+        return None
+    runner = Path(found.origin).parent / "__pip-runner__.py"
+    return str(runner) if runner.is_file() else None
 
 
 def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str]:
@@ -64,7 +120,6 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
         args += ["-r", str(f.path)]
     for f in spec.constraints_files:
         args += ["-c", str(f.path)]
-    args += [*spec.pip_install_options, *spec.requirements]
     if installer == "uv":
         return [
             find_uv(),
@@ -74,9 +129,18 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
             str(env_python),
             "--compile-bytecode",
             *args,
+            *uv_pip_options(spec.pip_install_options),
+            *spec.requirements,
         ]
-    host_pip = _host_pip()
+    args += [*spec.pip_install_options, *spec.requirements]
+    host_pip = _host_pip(spec.python.version)
     pip = [*host_pip, "--python", str(env_python)] if host_pip else [str(env_python), "-m", "pip"]
+    runner = _host_pip_runner() if host_pip else None
+    if runner is not None:
+        # What `pip --python ENV/bin/python` runs, minus the pip in between: that one starts
+        # it as a grandchild, which would outlive a SIGKILLed dbtvenv (the parent-death
+        # signal reaches our direct child only) and keep writing into the half-built env.
+        pip = [str(env_python), runner]
     quiet = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
     return [*pip, "install", *quiet, "--compile", "--no-warn-script-location", *args]
 
@@ -94,7 +158,7 @@ def venv_command(installer: str, env_dir: Path, spec: EnvSpec) -> list[str]:
             str(env_dir),
         ]
     # ensurepip costs seconds; it is needed only when no pip here can install into the env
-    without_pip = ["--without-pip"] if _host_pip() else []
+    without_pip = ["--without-pip"] if _host_pip(spec.python.version) else []
     return [spec.python.executable, "-m", "venv", *without_pip, *site, str(env_dir)]
 
 
@@ -115,7 +179,15 @@ def build_env(
     env = procs.child_environment(remove=_HELPER_ENV_REMOVE)
     try:
         reporter.phase(f"creating a virtual environment with Python {spec.python.version}")
-        _run(venv_command(installer, env_dir, spec), env, reporter, on_tick, tick, what="venv")
+        _run(
+            venv_command(installer, env_dir, spec),
+            env,
+            reporter,
+            on_tick,
+            tick,
+            what="venv",
+            where=env_dir.parent,
+        )
         env_python = env_dir / "bin" / "python"
         count = len(spec.requirements) + len(spec.requirements_files)
         reporter.phase(f"installing {count} requirement(s) with {installer}")
@@ -126,6 +198,7 @@ def build_env(
             on_tick,
             tick,
             what=installer,
+            where=env_dir.parent,
         )
         reporter.phase("verifying dbt")
         if not os.access(env_dir / "bin" / "dbt", os.X_OK):
@@ -149,9 +222,11 @@ def build_env(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.monotonic() - started, 2),
         }
+        on_tick()  # a builder that lost its lock must not mark the new holder's env complete
         write_manifest(env_dir, manifest)
     except BaseException as exc:
-        shutil.rmtree(env_dir, ignore_errors=True)
+        if not isinstance(exc, LockLost):  # then the env dir is the new holder's
+            shutil.rmtree(env_dir, ignore_errors=True)
         if isinstance(exc, OSError):
             raise VenvDirError(
                 f"cannot build the env in {env_dir}: {exc.strerror or exc}; "
@@ -171,6 +246,7 @@ def _run(
     tick: float,
     *,
     what: str,
+    where: Path,
 ) -> None:
     try:
         result = procs.run_captured(
@@ -180,14 +256,14 @@ def _run(
         raise BuildError(f"cannot run {what}: {exc.filename} not found") from None
     if result.returncode != 0:
         raise BuildError(
-            _failure_message(what, result.returncode, result.tail), redact_all(result.tail)
+            _failure_message(what, result.returncode, result.tail, where), redact_all(result.tail)
         )
 
 
 _NO_DISTRIBUTION = re.compile(r"No matching distribution found for (\S+)")
 
 
-def _failure_message(what: str, returncode: int, tail: Sequence[str]) -> str:
+def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Path) -> str:
     text = "\n".join(tail)
     missing = _NO_DISTRIBUTION.search(text)
     if missing:
@@ -196,7 +272,11 @@ def _failure_message(what: str, returncode: int, tail: Sequence[str]) -> str:
             "requirement's name and version, and the index in --pip-install-options"
         )
     if "No space left on device" in text:
-        return f"{what} ran out of disk space while building the env; free some space and retry"
+        return (
+            f"{what} ran out of disk space building the env in {where}: free space on that "
+            "file system ('dbtvenv env gc' removes unused envs) or build elsewhere "
+            "(--venv-dir DIR, or TMPDIR for a temporary env), then retry"
+        )
     if what == "venv":
         return (
             f"creating the virtual environment failed (exit {returncode}); "

@@ -6,16 +6,36 @@ ends them, and everything from there goes to dbt unchanged.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
-from dbtvenv import __version__, commands
+from dbtvenv import __version__
 from dbtvenv.errors import EX_SIGNAL_BASE, EX_SOFTWARE, EX_USAGE, DbtvenvError, Interrupted
+from dbtvenv.redact import redact
+
+
+class _LazyModule:
+    """A module imported on first use, so `--help` and `--version` never load the core."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        __import__(self._name)  # the import statement's path: `-X importtime` sees it
+        return getattr(sys.modules[self._name], attr)
+
+
+if TYPE_CHECKING:
+    from dbtvenv import commands
+else:
+    commands = _LazyModule("dbtvenv.commands")
 
 DBT_COMMANDS = [
     "build",
@@ -40,6 +60,34 @@ DBT_SUBCOMMANDS = {"docs": ("generate", "serve"), "source": ("freshness",)}
 EXAMPLE_REQUIREMENTS = "--requirements 'dbt-core~=1.11.0' --requirements 'dbt-duckdb~=1.11.0'"
 
 
+if TYPE_CHECKING:
+    _FloatParamType = click.ParamType[float]  # generic in newer Click only
+else:
+    _FloatParamType = click.ParamType
+
+
+class Seconds(_FloatParamType):
+    """A finite, non-negative number of seconds."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a number of seconds (0 or more), such as 300", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()
+
+
 def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The ENV OPTIONS of the contract, each also read from its DBTVENV_* variable."""
     options = [
@@ -49,8 +97,9 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             metavar="SPEC",
             envvar="DBTVENV_REQUIREMENTS",
-            help="A PEP 508 requirement to install, e.g. 'dbt-postgres~=1.9.0'. Repeatable. "
-            "DBTVENV_REQUIREMENTS: whitespace-separated.",
+            show_envvar=True,
+            help="A PEP 508 requirement to install, e.g. 'dbt-postgres~=1.9.0'. Repeatable; "
+            "in the variable, separate them with whitespace.",
         ),
         click.option(
             "--requirements-file",
@@ -58,6 +107,8 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             metavar="PATH",
             envvar="DBTVENV_REQUIREMENTS_FILE",
+            show_envvar=True,
+            shell_complete=_complete_file,
             help="A pip requirements file. Repeatable.",
         ),
         click.option(
@@ -65,12 +116,16 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             metavar="PATH",
             envvar="DBTVENV_CONSTRAINTS",
+            show_envvar=True,
+            shell_complete=_complete_file,
             help="A pip constraints file, e.g. to pin protobuf<5 for an old dbt. Repeatable.",
         ),
         click.option(
             "--venv-dir",
             metavar="DIR",
             envvar="DBTVENV_VENV_DIR",
+            show_envvar=True,
+            shell_complete=_complete_dir,
             help="Persistent mode: a cache root holding one env per spec, shared by runs and "
             "processes, e.g. ~/.cache/dbtvenv. Without it the env is temporary.",
         ),
@@ -78,12 +133,14 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--temporary",
             is_flag=True,
             envvar="DBTVENV_TEMPORARY",
+            show_envvar=True,
             help="Build a throw-away env even if a venv dir is set.",
         ),
         click.option(
             "--pip-install-options",
             metavar="OPTS",
             envvar="DBTVENV_PIP_INSTALL_OPTIONS",
+            show_envvar=True,
             help="Extra 'pip install' arguments, split like a shell would, e.g. "
             "'--index-url https://pypi.example.com/simple'.",
         ),
@@ -91,21 +148,24 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--python",
             metavar="PATH",
             envvar="DBTVENV_PYTHON",
+            show_envvar=True,
             help="Base interpreter of the env (default: the one dbtvenv runs on), e.g. python3.11.",
         ),
         click.option(
             "--system-site-packages",
             is_flag=True,
             envvar="DBTVENV_SYSTEM_SITE_PACKAGES",
+            show_envvar=True,
             help="Give the env the base interpreter's site-packages.",
         ),
         click.option(
             "--lock-timeout",
-            type=click.FloatRange(min=0),
+            type=SECONDS,
             default=120.0,
             show_default=True,
             metavar="SECONDS",
             envvar="DBTVENV_LOCK_TIMEOUT",
+            show_envvar=True,
             help="Longest wait for an env lock held by another process; then exit 75.",
         ),
         click.option(
@@ -114,6 +174,7 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default="pip",
             show_default=True,
             envvar="DBTVENV_INSTALLER",
+            show_envvar=True,
             help="What fills the env: pip, or uv (several times faster; "
             "pip install 'dbtvenv[uv]').",
         ),
@@ -177,7 +238,27 @@ def _dbt_args() -> list[str]:
     return args
 
 
-class SectionedGroup(click.Group):
+class DbtCommandGroup(click.Group):
+    """A group of dbt commands; an unknown one is pointed at `dbtvenv dbt -- ...`."""
+
+    dbt_prefix: tuple[str, ...] = ()
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        unknown = name and not name.startswith("-") and self.get_command(ctx, name) is None
+        if unknown and not ctx.resilient_parsing:  # (shell completion parses resiliently)
+            words = " ".join([*self.dbt_prefix, name])
+            raise click.UsageError(
+                f"no such command {name!r}; to run a dbt command dbtvenv does not list, "
+                f"use 'dbtvenv dbt [ENV OPTIONS] -- {words} ...'",
+                ctx,
+            )
+        return super().resolve_command(ctx, args)
+
+
+class SectionedGroup(DbtCommandGroup):
     """Lists dbt's commands apart from dbtvenv's own in --help."""
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -197,11 +278,60 @@ class SectionedGroup(click.Group):
         return list(self.commands)
 
 
+class OrderedGroup(click.Group):
+    """Lists and completes its commands in the order they are defined."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+TOP_EPILOG = """\b
+Environment:
+  DBTVENV_*           each ENV OPTION has one, e.g. DBTVENV_VENV_DIR
+  DBTVENV_KILL_GRACE  seconds dbt gets to stop after a signal (default 30)
+  DBTVENV_LOCK_LEASE  seconds until another host's lock is stale (default 60)
+  NO_COLOR            no colours on a terminal
+  DBTVENV_DEBUG=1     show the traceback of an internal error
+
+\b
+Exit status:
+  dbt's own  dbt ran: 0 success, 1 a node failed, 2 dbt error, ...
+  128+N      ended by signal N (130 SIGINT, 143 SIGTERM)
+  1          env info, env rm: no such env, or it is in use
+  64         usage error
+  69         the env could not be built (pip failed, no dbt in the env)
+  73         the venv dir cannot be created or written
+  75         the lock was not acquired in time: try again later
+
+Run 'dbtvenv COMMAND --help' for a command's options and examples, and
+'dbtvenv run [ENV OPTIONS] -- --help' for dbt's own help.
+"""
+
+
+def _complete_dir(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="dir")]
+
+
+def _complete_file(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="file")]
+
+
+def _complete_env_key(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """The keys of the envs in the --venv-dir given so far (or DBTVENV_VENV_DIR)."""
+    venv_dir = ctx.params.get("venv_dir")
+    if not venv_dir:
+        return []
+    return [key for key in commands.env_keys(venv_dir) if key.startswith(incomplete)]
+
+
 @click.group(
     cls=SectionedGroup,
     context_settings={"help_option_names": ["--help"], "max_content_width": 100},
-    epilog="Run 'dbtvenv COMMAND --help' for a command's options; "
-    "'dbtvenv run [ENV OPTIONS] -- --help' shows dbt's own help.",
+    epilog=TOP_EPILOG,
 )
 @click.version_option(__version__, "--version", prog_name="dbtvenv", message="%(prog)s %(version)s")
 def cli() -> None:
@@ -212,12 +342,40 @@ def cli() -> None:
     pass straight through. Airflow, cron and your shell keep their own dependencies.
 
     \b
+    Synopsis:
+      dbtvenv DBT_COMMAND [ENV OPTIONS] [--] [DBT ARGS]...
+      dbtvenv dbt [ENV OPTIONS] [--] DBT ARGS...
+      dbtvenv env prepare|path|info|list|rm|gc [OPTIONS]
+      dbtvenv lock status [ENV OPTIONS]
+      dbtvenv completion bash|zsh|fish
+
+    Without --venv-dir the env is temporary: built for this one run and removed after it.
+    With --venv-dir DIR, DIR keeps one env per spec, reused by every later run and process.
+    dbtvenv's own messages go to stderr; stdout is dbt's.
+
+    \b
     Examples:
       dbtvenv run --requirements 'dbt-postgres~=1.9.0' -- --select orders
-      dbtvenv build --requirements 'dbt-duckdb~=1.11.0' --venv-dir ~/.cache/dbtvenv
-      dbtvenv dbt --venv-dir ~/.cache/dbtvenv -- --debug run --select orders
-      dbtvenv env list --venv-dir ~/.cache/dbtvenv
+      export DBTVENV_VENV_DIR=~/.cache/dbtvenv
+      export DBTVENV_REQUIREMENTS='dbt-core~=1.11.0 dbt-duckdb~=1.11.0'
+      dbtvenv build --select orders
+      dbtvenv dbt -- --debug run --select orders
+      dbtvenv env list
     """
+
+
+# What each dbt command's help example passes on to dbt (default: --select my_model).
+EXAMPLE_DBT_ARGS = {
+    "run-operation": "my_macro --args '{days: 7}'",
+    "debug": "--config-dir",
+    "deps": "--upgrade",
+    "parse": "--no-partial-parse",
+    "retry": "--target prod",
+    "clean": "--no-clean-project-files-only",
+    "docs generate": "--no-compile",
+    "docs serve": "--port 8081",
+    "source freshness": "--select source:raw",
+}
 
 
 def _dbt_command(words: Sequence[str]) -> click.Command:
@@ -228,12 +386,17 @@ def _dbt_command(words: Sequence[str]) -> click.Command:
 
     help_text = f"""Run 'dbt {shown} [DBT ARGS]' in the env.
 
+    dbtvenv's options (below) come first; the first other token, or '--', ends them and
+    the rest goes to dbt unchanged.
+
     \b
     Example:
-      dbtvenv {shown} {EXAMPLE_REQUIREMENTS} --venv-dir ~/.cache/dbtvenv -- --select my_model
+      dbtvenv {shown} --venv-dir ~/.cache/dbtvenv \\
+        --requirements 'dbt-duckdb~=1.11.0' -- {EXAMPLE_DBT_ARGS.get(shown, "--select my_model")}
 
-    dbtvenv's options come first; the first other token, or '--', ends them and the rest goes
-    to dbt unchanged. dbt's own help: dbtvenv {shown} [ENV OPTIONS] -- --help
+    \b
+    dbt's own help for this command:
+      dbtvenv {shown} [ENV OPTIONS] -- --help
     """
     return click.command(
         words[-1],
@@ -247,7 +410,12 @@ for _name in DBT_COMMANDS:
     cli.add_command(_dbt_command([_name]))
 
 for _group_name, _subcommands in DBT_SUBCOMMANDS.items():
-    _group = click.Group(_group_name, help=f"dbt {_group_name} {'|'.join(_subcommands)}.")
+    _group = DbtCommandGroup(
+        _group_name,
+        help=f"Run 'dbt {_group_name} {'|'.join(_subcommands)}' in the env.\n\n\b\nExample:\n"
+        f"  dbtvenv {_group_name} {_subcommands[0]} --venv-dir ~/.cache/dbtvenv",
+    )
+    _group.dbt_prefix = (_group_name,)
     _group.short_help = f"dbt {_group_name} {'|'.join(_subcommands)}"
     for _sub in _subcommands:
         _group.add_command(_dbt_command([_group_name, _sub]))
@@ -257,7 +425,7 @@ for _group_name, _subcommands in DBT_SUBCOMMANDS.items():
 @cli.command(
     "dbt",
     cls=PassThroughCommand,
-    short_help="Run any dbt command line verbatim: dbtvenv dbt [ENV OPTIONS] -- ARGS",
+    short_help="Run any dbt command line verbatim.",
 )
 @env_options
 def dbt_verbatim(**params: Any) -> int:
@@ -265,25 +433,40 @@ def dbt_verbatim(**params: Any) -> int:
 
     \b
     Example:
-      dbtvenv dbt --venv-dir ~/.cache/dbtvenv -- --log-format json run --select orders
+      dbtvenv dbt --venv-dir ~/.cache/dbtvenv -- --log-format json run -s orders
+
+    \b
+    dbt's own help:
+      dbtvenv dbt [ENV OPTIONS] -- --help
     """
     return commands.run_dbt(_env_options(params), _dbt_args())
 
 
-@cli.group("env")
+@cli.group("env", cls=OrderedGroup)
 def env_group() -> None:
-    """Build, inspect and clean up envs: prepare, path, info, list, rm, gc."""
+    """Build, inspect and clean up cached envs.
+
+    The envs of a cache dir (--venv-dir DIR), one per spec.
+
+    \b
+    Example:
+      dbtvenv env list --venv-dir ~/.cache/dbtvenv
+      dbtvenv env gc --venv-dir ~/.cache/dbtvenv --older-than 14d --dry-run
+    """
 
 
 @env_group.command("prepare")
 @env_options
 def env_prepare(**params: Any) -> int:
-    """Build or verify the env and print its path; runs no dbt.
+    """Build or verify the env; print its path.
 
-    For baking envs into images and warming caches:
+    Runs no dbt: for baking envs into images and warming caches. The path is the only
+    thing on stdout; progress goes to stderr.
 
     \b
-      RUN dbtvenv env prepare --venv-dir /opt/dbtvenv --requirements 'dbt-postgres~=1.9.0'
+    Example (a Dockerfile):
+      RUN dbtvenv env prepare --venv-dir /opt/dbtvenv \\
+            --requirements 'dbt-postgres~=1.9.0'
     """
     return commands.env_prepare(_env_options(params))
 
@@ -291,11 +474,15 @@ def env_prepare(**params: Any) -> int:
 @env_group.command("path")
 @env_options
 def env_path(**params: Any) -> int:
-    """Print the env path (DIR/<key>) the spec maps to; builds nothing.
+    """Print the env's path; build nothing.
+
+    The path is DIR/<key>, where the spec's env lives or would live. Creates nothing, not
+    even DIR.
 
     \b
     Example:
-      dbtvenv env path --venv-dir ~/.cache/dbtvenv --requirements 'dbt-duckdb~=1.11.0'
+      dbtvenv env path --venv-dir ~/.cache/dbtvenv \\
+        --requirements 'dbt-duckdb~=1.11.0'
     """
     return commands.env_path(_env_options(params))
 
@@ -304,22 +491,37 @@ def env_path(**params: Any) -> int:
 @env_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def env_info(as_json: bool, **params: Any) -> int:
-    """Show the env's manifest: spec, interpreter, distributions, created, last used, size.
+    """Show the env's manifest, size and use.
 
-    Exits 1 if the env does not exist.
+    Spec, interpreter, installed distributions, created, last used, size, and whether dbt
+    runs in it now. Exits 1 if the env does not exist. The JSON fields are described in
+    docs/json.md.
 
     \b
     Example:
-      dbtvenv env info --venv-dir ~/.cache/dbtvenv --requirements 'dbt-duckdb~=1.11.0' --json
+      dbtvenv env info --venv-dir ~/.cache/dbtvenv --json \\
+        --requirements 'dbt-duckdb~=1.11.0'
     """
     return commands.env_info(_env_options(params), as_json=as_json)
 
 
 @env_group.command("list")
-@click.option("--venv-dir", metavar="DIR", envvar="DBTVENV_VENV_DIR", help="The cache root.")
+@click.option(
+    "--venv-dir",
+    metavar="DIR",
+    envvar="DBTVENV_VENV_DIR",
+    show_envvar=True,
+    shell_complete=_complete_dir,
+    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per env, in an array.")
 def env_list(venv_dir: str | None, as_json: bool) -> int:
-    """List the envs in a cache dir, most recently used first.
+    """List the envs in a cache dir.
+
+    Most recently used first, one row per env: key, requirements, Python, dbt-core and
+    adapter versions, size, created, last used, in use, complete. A table on a terminal,
+    plain columns elsewhere; --json gives sizes in bytes and times in ISO 8601 (fields:
+    docs/json.md).
 
     \b
     Example:
@@ -329,24 +531,34 @@ def env_list(venv_dir: str | None, as_json: bool) -> int:
 
 
 @env_group.command("rm")
-@click.option("--venv-dir", metavar="DIR", envvar="DBTVENV_VENV_DIR", help="The cache root.")
+@click.option(
+    "--venv-dir",
+    metavar="DIR",
+    envvar="DBTVENV_VENV_DIR",
+    show_envvar=True,
+    shell_complete=_complete_dir,
+    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
+)
 @click.option("--all", "remove_all", is_flag=True, help="Remove every env in the cache dir.")
 @click.option("--force", is_flag=True, help="Remove envs even while dbt runs in them.")
 @click.option(
     "--lock-timeout",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=120.0,
     metavar="SECONDS",
     envvar="DBTVENV_LOCK_TIMEOUT",
-    help="Longest wait for an env's lock.",
+    show_envvar=True,
+    help="Longest wait for an env's lock (a build in progress); then exit 75.",
 )
-@click.argument("keys", nargs=-1, metavar="[KEY]...")
+@click.argument("keys", nargs=-1, metavar="[KEY]...", shell_complete=_complete_env_key)
 def env_rm(
     venv_dir: str | None, remove_all: bool, force: bool, lock_timeout: float, keys: tuple[str, ...]
 ) -> int:
-    """Remove envs by key (see 'env list'), each under its lock.
+    """Remove envs by key, or all of them.
 
-    An env in use is refused unless --force.
+    Keys are what 'env list' shows. Each env is removed under its lock. An env in use is
+    refused (exit 1) unless --force; an unknown key is exit 1 too. What was removed is
+    printed on stdout.
 
     \b
     Example:
@@ -358,7 +570,14 @@ def env_rm(
 
 
 @env_group.command("gc")
-@click.option("--venv-dir", metavar="DIR", envvar="DBTVENV_VENV_DIR", help="The cache root.")
+@click.option(
+    "--venv-dir",
+    metavar="DIR",
+    envvar="DBTVENV_VENV_DIR",
+    show_envvar=True,
+    shell_complete=_complete_dir,
+    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
+)
 @click.option(
     "--older-than",
     default="30d",
@@ -366,11 +585,17 @@ def env_rm(
     metavar="DURATION",
     help="Remove envs not used within this long: 30d, 12h, 90m, 45s, 2w.",
 )
-@click.option("--dry-run", is_flag=True, help="Only list what would be removed and its size.")
+@click.option(
+    "--dry-run", is_flag=True, help="Only list what would be removed and the bytes it would free."
+)
 def env_gc(venv_dir: str | None, older_than: str, dry_run: bool) -> int:
-    """Remove unused and incomplete envs, stale locks, and temporary envs of killed runs.
+    """Remove unused envs and what crashes left.
 
-    Never touches an env in use.
+    Removes envs not used within --older-than, envs whose build was interrupted (no live
+    builder), stale lock files, half-removed envs, and temporary envs (dbtvenv-* in the
+    system temp dir) of runs that were killed. Never an env in use, never a live run's
+    temporary env. Without --venv-dir only temporary envs are collected. What it removes,
+    and the bytes freed, is printed on stdout.
 
     \b
     Example (cron, nightly):
@@ -379,28 +604,43 @@ def env_gc(venv_dir: str | None, older_than: str, dry_run: bool) -> int:
     return commands.env_gc(venv_dir, older_than=older_than, dry_run=dry_run)
 
 
-@cli.group("lock")
+@cli.group("lock", cls=OrderedGroup)
 def lock_group() -> None:
-    """Inspect env locks."""
+    """Inspect env locks.
+
+    The lock DIR/<key>.lock guards building and removing an env; runs never wait for it
+    while the env is complete.
+
+    \b
+    Example:
+      dbtvenv lock status --venv-dir ~/.cache/dbtvenv \\
+        --requirements 'dbt-duckdb~=1.11.0'
+    """
 
 
 @lock_group.command("status")
 @env_options
 @click.option("--json", "as_json", is_flag=True, help="Print the lock state as JSON.")
 def lock_status(as_json: bool, **params: Any) -> int:
-    """Show who holds the lock of the env the spec maps to, or that it is free.
+    """Show who holds an env's lock, if anyone.
+
+    For the env the spec maps to: names the holder (pid, host, since when, its command
+    line), or says that the lock is stale and why; the next run takes a stale lock over.
 
     \b
     Example:
-      dbtvenv lock status --venv-dir ~/.cache/dbtvenv --requirements 'dbt-duckdb~=1.11.0'
+      dbtvenv lock status --venv-dir ~/.cache/dbtvenv \\
+        --requirements 'dbt-duckdb~=1.11.0'
     """
     return commands.lock_status(_env_options(params), as_json=as_json)
 
 
 @cli.command("completion")
-@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), metavar="SHELL")
 def completion(shell: str) -> int:
-    """Print the shell completion script for bash, zsh or fish.
+    """Print a shell completion script.
+
+    For bash, zsh or fish; the same scripts are in the completions/ dir of the source.
 
     \b
     Examples:
@@ -433,20 +673,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = cli.main(args=args, prog_name="dbtvenv", standalone_mode=False)
     except click.exceptions.Abort:  # Click's translation of KeyboardInterrupt
-        commands.echo_error("interrupted before dbt started")
+        _error("interrupted before dbt started")
         return EX_SIGNAL_BASE + signal.SIGINT
     except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        commands.echo_error(f"{exc.format_message().rstrip('.')}{hint}")
+        _error(usage_message(exc))
         return EX_USAGE
     except click.ClickException as exc:
-        commands.echo_error(exc.format_message())
+        _error(exc.format_message())
         return EX_USAGE
     except DbtvenvError as exc:
-        commands.echo_error(exc.message, exc.details)
+        _error(exc.message, exc.details)
         return exc.exit_code
     except KeyboardInterrupt:
-        commands.echo_error("interrupted before dbt started")
+        _error("interrupted before dbt started")
         return EX_SIGNAL_BASE + signal.SIGINT
     except BrokenPipeError:
         return EX_SIGNAL_BASE + signal.SIGPIPE
@@ -456,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if os.environ.get("DBTVENV_DEBUG"):
             traceback.print_exc()
-        commands.echo_error(
+        _error(
             f"internal error: {type(exc).__name__}: {exc}; set DBTVENV_DEBUG=1 for the traceback "
             "and please report it"
         )
@@ -464,3 +703,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, int):
         return result
     return 0
+
+
+def _error(message: str, details: Sequence[str] = ()) -> None:
+    """The one `dbtvenv: error:` line (and pip's or uv's last lines), credentials hidden."""
+    commands.echo_error(redact(message), [redact(line) for line in details])
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """Click's message, naming the environment variable a bad value came from."""
+    ctx = exc.ctx
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError) and ctx is not None:
+        # A bare `dbtvenv` or `dbtvenv env`: the help, then what is missing.
+        sys.stderr.write(ctx.get_help() + "\n\n")
+        return f"missing command: run '{ctx.command_path} COMMAND ...' (see the list above)"
+    if isinstance(exc, click.BadParameter) and ctx is not None and exc.param is not None:
+        param = exc.param
+        from_env = param.name is not None and (
+            ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+        )
+        if from_env and isinstance(param.envvar, str):
+            exc.param_hint = f"{param.envvar} (the environment variable behind {param.opts[0]})"
+    message = exc.format_message().rstrip(".")
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message

@@ -6,15 +6,18 @@ Nothing here knows Click; `cli.py` parses and calls these.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Union
 
 from dbtvenv import provision, store
-from dbtvenv.errors import EnvNotFound, UsageError
+from dbtvenv.errors import EX_NOT_FOUND, DbtvenvError, EnvNotFound, UsageError
 from dbtvenv.lock import lock_lease, read_lock
 from dbtvenv.progress import Reporter, make_reporter
 from dbtvenv.settings import DEFAULT_KILL_GRACE, Settings, env_seconds
@@ -86,18 +89,24 @@ def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
 
 
 def env_prepare(options: EnvOptions) -> int:
+    """Build or verify the env; its path is the only thing on stdout."""
     root = options.cache_root("env prepare")
+    spec = options.spec()
     reporter = make_reporter()
     try:
-        env_dir = provision.ensure_env(root, options.spec(), options.settings(), reporter)
+        ready = store.env_problem(root / spec.key) is None
+        env_dir = provision.ensure_env(root, spec, options.settings(), reporter)
+        if ready:
+            reporter.info(f"env {spec.key} is complete and healthy; nothing to build")
     finally:
         reporter.close()
-    print(env_dir)
+    print(env_dir, flush=True)
     return 0
 
 
 def env_path(options: EnvOptions) -> int:
-    print(options.cache_root("env path") / options.spec().key)
+    """Where the spec's env lives (or would); creates nothing, not even the venv dir."""
+    print(options.cache_root("env path") / options.spec().key, flush=True)
     return 0
 
 
@@ -112,113 +121,237 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
         raise EnvNotFound(
             f"env {entry.path} {state}; build it with 'dbtvenv env prepare' and the same options"
         )
-    info = {**entry.manifest, **entry.to_json()}
     if as_json:
-        print(json.dumps(info, indent=2))
+        _print_json(env_info_json(entry))
         return 0
+    manifest = entry.manifest
+    spec = manifest.get("spec") or {}
+    python = manifest.get("python") or {}
     rows = [
-        ("path", str(entry.path)),
         ("key", key),
-        ("requirements", " ".join(info["spec"]["requirements"]) or "-"),
-        ("requirements files", _paths(info["spec"]["requirements_files"])),
-        ("constraints files", _paths(info["spec"]["constraints_files"])),
-        ("pip install options", " ".join(info["spec"]["pip_install_options"]) or "-"),
-        ("python", f"{info['python']['implementation']} {info['python']['version']}"),
-        ("interpreter", info["python"]["executable"]),
-        ("system site packages", "yes" if info["spec"]["system_site_packages"] else "no"),
-        ("installer", str(info.get("installer"))),
-        ("created", str(info["created"])),
-        ("last used", str(info["last_used"])),
+        ("path", str(entry.path)),
+        ("requirements", " ".join(spec.get("requirements", [])) or "-"),
+        ("requirements files", _paths(spec.get("requirements_files", []))),
+        ("constraints files", _paths(spec.get("constraints_files", []))),
+        ("pip install options", shlex.join(spec.get("pip_install_options", [])) or "-"),
+        ("system site packages", "yes" if spec.get("system_site_packages") else "no"),
+        (
+            "python",
+            f"{python.get('implementation', '?')} {python.get('version', '?')} "
+            f"(base interpreter {python.get('executable', '?')})",
+        ),
+        ("installer", str(manifest.get("installer", "-"))),
+        ("dbt-core", entry.version_of("dbt-core") or "-"),
+        ("adapters", _versions(entry.adapters)),
+        ("created", _when(entry.created)),
+        ("last used", _when(entry.last_used)),
         ("in use", "yes" if entry.in_use else "no"),
         ("size", human_size(entry.size)),
-        ("distributions", str(len(info["distributions"]))),
+        ("distributions", str(len(entry.distributions))),
     ]
     width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    for dist in info["distributions"]:
-        print(f"{'':<{width}}  {dist['name']}=={dist['version']}")
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"{'':<{width}}  {name}=={version}" for name, version in _manifest_dists(manifest)]
+    print("\n".join(lines), flush=True)
     return 0
 
 
+def env_info_json(entry: store.EnvEntry) -> dict[str, Any]:
+    """The manifest as written at build time, plus what changes after it (docs/json.md)."""
+    return {
+        **(entry.manifest or {}),
+        "path": str(entry.path),
+        "complete": entry.complete,
+        "in_use": entry.in_use,
+        "last_used": store.iso(entry.last_used),
+        "size": entry.size,
+    }
+
+
+def _manifest_dists(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (str(d.get("name")), str(d.get("version")))
+        for d in manifest.get("distributions", [])
+        if isinstance(d, dict)
+    ]
+
+
 def _paths(files: list[dict[str, str]]) -> str:
-    return " ".join(f["path"] for f in files) or "-"
+    return " ".join(str(f.get("path")) for f in files) or "-"
+
+
+def _versions(dists: dict[str, str]) -> str:
+    return " ".join(f"{name}=={version}" for name, version in dists.items()) or "-"
+
+
+def _when(timestamp: float | None) -> str:
+    return "-" if timestamp is None else f"{store.iso(timestamp)} ({ago(timestamp)})"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    style: str = ""  # rich style on a terminal
+    drop: int = 0  # on a terminal too narrow for the table: dropped in this order (0: never)
+
+
+ENV_LIST_COLUMNS = (
+    Column("KEY", "cyan"),
+    Column("REQUIREMENTS"),
+    Column("PYTHON", drop=2),
+    Column("DBT-CORE", drop=5),
+    Column("ADAPTERS", drop=4),
+    Column("SIZE", drop=6),
+    Column("CREATED", "dim", drop=1),
+    Column("LAST USED"),
+    Column("IN USE"),
+    Column("COMPLETE", drop=3),
+)
 
 
 def env_list(venv_dir: str | None, *, as_json: bool) -> int:
     root = EnvOptions(venv_dir=venv_dir).cache_root("env list")
     entries = store.list_envs(root)
     if as_json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
+        _print_json([e.to_json() for e in entries])
         return 0
-    headers = (
-        "KEY",
-        "REQUIREMENTS",
-        "PYTHON",
-        "DBT-CORE",
-        "ADAPTERS",
-        "SIZE",
-        "CREATED",
-        "LAST USED",
-        "IN USE",
-        "COMPLETE",
-    )
+    if not entries:
+        Reporter().info(f"no envs in {root}")
+        return 0
     rows = [
         (
             e.key,
-            " ".join(e.to_json()["requirements"]) or "-",
-            e.to_json()["python"] or "-",
+            [*e.requirements, *(f"-r {f}" for f in e.requirements_files)] or ["-"],
+            e.python or "-",
             e.version_of("dbt-core") or "-",
-            " ".join(e.adapters) or "-",
+            [f"{name}=={version}" for name, version in e.adapters.items()] or ["-"],
             human_size(e.size),
-            ago(_timestamp(e.created)),
+            ago(e.created),
             ago(e.last_used),
             "yes" if e.in_use else "no",
             "yes" if e.complete else "no",
         )
         for e in entries
     ]
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*headers, box=None, header_style="bold")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-    else:
-        widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-        for row in [headers, *rows]:
-            print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip())
+    highlights = {("IN USE", "yes"): "bold yellow", ("COMPLETE", "no"): "bold red"}
+    print_table(ENV_LIST_COLUMNS, rows, highlights=highlights)
     return 0
+
+
+Cell = Union[str, Sequence[str]]  # several values: one line each on a terminal, else spaced
+
+
+def print_table(
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[Cell]],
+    *,
+    highlights: dict[tuple[str, str], str] | None = None,
+) -> None:
+    """A rich table on a terminal (colours unless NO_COLOR), plain aligned columns elsewhere.
+
+    On a terminal too narrow for every column, the least useful ones are left out and named
+    below the table; plain output always has them all.
+    """
+    if not _rich_stdout():
+        grid = [[c.header for c in columns]]
+        grid += [[c if isinstance(c, str) else " ".join(c) for c in row] for row in rows]
+        widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
+        lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() for r in grid]
+        print("\n".join(lines), flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    cells = [[c if isinstance(c, str) else "\n".join(c) for c in row] for row in rows]
+    shown = list(range(len(columns)))
+
+    def width(i: int) -> int:
+        lines = [columns[i].header, *(line for row in cells for line in row[i].splitlines())]
+        return max(len(line) for line in lines)
+
+    for i in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: columns[i].drop):
+        if sum(width(j) for j in shown) + 2 * (len(shown) - 1) <= console.width:
+            break
+        shown.remove(i)
+    hidden = [columns[i].header for i in range(len(columns)) if i not in shown]
+    table = Table(
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+        caption=f"not shown on this narrow terminal: {', '.join(hidden)} (see --json)"
+        if hidden
+        else None,
+        caption_style="dim",
+        caption_justify="left",
+    )
+    for i in shown:
+        table.add_column(columns[i].header, style=columns[i].style or None, overflow="fold")
+    for row in cells:
+        table.add_row(
+            *(
+                Text(row[i], style=(highlights or {}).get((columns[i].header, row[i]), ""))
+                for i in shown
+            )
+        )
+    console.print(table)
+
+
+def _rich_stdout() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2), flush=True)
+
+
+def env_keys(venv_dir: str) -> list[str]:
+    """The keys of the envs in a cache dir (for shell completion); never raises."""
+    try:
+        return store.env_keys(Path(venv_dir).expanduser().absolute())
+    except DbtvenvError:
+        return []
 
 
 def env_rm(
     venv_dir: str | None, keys: Sequence[str], *, remove_all: bool, force: bool, lock_timeout: float
 ) -> int:
+    """Remove envs under their locks; what was removed goes to stdout, refusals to stderr."""
     root = EnvOptions(venv_dir=venv_dir).cache_root("env rm")
-    if remove_all == bool(keys):
-        raise UsageError("env rm takes KEY... or --all, not both and not neither")
+    if remove_all and keys:
+        raise UsageError("env rm takes KEY... or --all, not both")
+    if not remove_all and not keys:
+        raise UsageError(
+            f"env rm needs the KEY of an env (see 'dbtvenv env list --venv-dir {root}') or --all"
+        )
     present = store.env_keys(root)
-    targets = present if remove_all else list(keys)
+    targets = present if remove_all else list(dict.fromkeys(keys))
+    if remove_all and not present:
+        Reporter().info(f"no envs in {root}")
     settings = Settings(lock_timeout=lock_timeout, lock_lease=lock_lease())
     reporter = Reporter()
     status = 0
     for key in targets:
         if key not in present:
-            reporter.info(f"no env {key} in {root}")
-            status = 1
+            echo_error(
+                f"no env {key!r} in {root}; 'dbtvenv env list --venv-dir {root}' shows the keys"
+            )
+            status = EX_NOT_FOUND
             continue
         env_dir = root / key
         size = store.dir_size(env_dir)
+        in_use = store.is_in_use(env_dir)
         try:
             with provision.new_lock(root, key, settings, reporter):
                 store.remove_env(env_dir, force=force)
         except store.EnvInUse as exc:
-            reporter.info(exc.message)
-            status = 1
+            echo_error(exc.message)
+            status = exc.exit_code
             continue
-        reporter.info(f"removed env {key} ({human_size(size)})")
+        if in_use:
+            reporter.info(f"env {key} was in use; removed it anyway (--force)")
+        print(f"removed env {key} ({human_size(size)})", flush=True)
     return status
 
 
@@ -230,21 +363,32 @@ def parse_duration(text: str) -> float:
     """`30d`, `12h`, `90m`, `45s`, `2w`; a bare number is days."""
     match = _DURATION.match(text)
     if not match:
-        raise UsageError(f"--older-than {text!r} is not a duration such as 30d, 12h or 90m")
+        raise UsageError(
+            f"--older-than {text!r} is not a duration: write a number with a unit "
+            "s, m, h, d or w, e.g. 30d, 12h or 90m"
+        )
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def env_gc(venv_dir: str | None, *, older_than: str, dry_run: bool) -> int:
+    """Collect garbage. The report (what was removed, bytes freed) is the command's output:
+    stdout. Notes on what was kept, and why, go to stderr."""
     from dbtvenv.gc import collect
 
     cutoff = time.time() - parse_duration(older_than)
     root = Path(venv_dir).expanduser().absolute() if venv_dir else None
     found = collect(root, cutoff=cutoff, dry_run=dry_run, reporter=Reporter())
     verb = "would remove" if dry_run else "removed"
-    for item in found:
-        print(f"{verb}  {human_size(item.size):>9}  {item.path}  ({item.why})")
-    total = sum(item.size for item in found)
-    print(f"{verb} {len(found)} item(s), {human_size(total)}")
+    lines = [f"{verb}  {human_size(i.size):>10}  {i.path}  ({i.why})" for i in found]
+    total = human_size(sum(i.size for i in found))
+    items = f"{len(found)} item{'' if len(found) == 1 else 's'}"
+    if not found:
+        lines.append("nothing to remove")
+    elif dry_run:
+        lines.append(f"would free {total} ({items}); nothing was removed (--dry-run)")
+    else:
+        lines.append(f"freed {total} ({items})")
+    print("\n".join(lines), flush=True)
     return 0
 
 
@@ -253,43 +397,53 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
     key = options.spec().key
     path = provision.lock_path(root, key)
     state = read_lock(path, lease=lock_lease())
+    status = "free" if state is None else ("stale" if state.stale_reason else "held")
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "lock": str(path),
-                    "key": key,
-                    "state": "free"
-                    if state is None
-                    else ("stale" if state.stale_reason else "held"),
-                    "holder": state.holder.to_json() if state and state.holder else None,
-                    "stale_reason": state.stale_reason if state else None,
-                },
-                indent=2,
-            )
+        _print_json(
+            {
+                "lock": str(path),
+                "key": key,
+                "state": status,
+                "holder": state.holder.to_json() if state and state.holder else None,
+                "stale_reason": state.stale_reason if state else None,
+            }
         )
-    elif state is None:
-        print(f"free: nobody holds {path}")
-    elif state.stale_reason:
-        print(
-            f"stale: {path} names {state.describe()}; {state.stale_reason}, "
-            "the next run takes it over"
-        )
+        return 0
+    rows = [("lock", str(path))]
+    if state is None:
+        rows.append(("state", "free: nobody builds or removes this env now"))
     else:
-        print(f"held: {path} by {state.describe()}")
+        if state.stale_reason:
+            rows.append(("state", f"stale: {state.stale_reason}; the next run takes it over"))
+        else:
+            rows.append(("state", "held"))
+        holder = state.holder
+        if holder is None:
+            rows.append(("holder", f"unknown (the file cannot be parsed; {ago(state.mtime)})"))
+        else:
+            since = store.parse_iso(holder.acquired_at)
+            rows += [
+                ("holder", f"pid {holder.pid} on {holder.hostname}"),
+                ("since", f"{holder.acquired_at} ({ago(since)})"),
+                ("command", shlex.join(holder.argv)),
+            ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
     return 0
 
 
 def human_size(size: int) -> str:
+    """Bytes as people read them: `512 B`, `112.0 KiB`, `1.4 GiB`."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+        if value < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} TiB"
 
 
 def ago(timestamp: float | None) -> str:
+    """How long ago, roughly: `12s ago`, `3m ago`, `5h ago`, `2d ago`."""
     if timestamp is None:
         return "-"
     seconds = max(time.time() - timestamp, 0)
@@ -297,17 +451,6 @@ def ago(timestamp: float | None) -> str:
         if seconds >= length:
             return f"{seconds // length:.0f}{unit} ago"
     return f"{seconds:.0f}s ago"
-
-
-def _timestamp(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return None
 
 
 MAX_DETAIL = 400

@@ -48,6 +48,15 @@ class LockTimeout(DbtvenvError):
     exit_code = EX_TEMPFAIL
 
 
+class LockLost(DbtvenvError):
+    """Another process took over the lock of an env this one was building.
+
+    The half-built env is theirs now: it must not be removed or marked complete by us.
+    """
+
+    exit_code = EX_TEMPFAIL
+
+
 class EnvNotFound(DbtvenvError):
     exit_code = EX_NOT_FOUND
 

@@ -20,6 +20,8 @@ ORPHAN_TMP_AGE = 3600.0
 
 @dataclass(frozen=True)
 class Collected:
+    """One thing gc removed (or, in a dry run, would remove)."""
+
     path: Path
     size: int
     why: str
@@ -28,17 +30,16 @@ class Collected:
 def collect(
     root: Path | None, *, cutoff: float, dry_run: bool, reporter: Reporter
 ) -> list[Collected]:
+    """Remove, from `root` and the system temp dir, what no run needs; return what it was.
+
+    An env counts as unused when its last use is before `cutoff` (a Unix time).
+    """
     found: list[Collected] = []
-    if root is not None and root.is_dir():
+    if root is not None and root.exists():  # a file there is an error, raised by env_keys
         found += _envs(root, cutoff, dry_run, reporter)
-        found += _stale_locks(root, dry_run, reporter)
+        found += _stale_locks(root, dry_run)
         found += _leftovers(root, dry_run)
-    for path in provision.abandoned_temporary_envs():
-        found.append(
-            Collected(path, store.dir_size(path), "temporary env of a run that was killed")
-        )
-        if not dry_run:
-            shutil.rmtree(path, ignore_errors=True)
+    found += _temporary_envs(dry_run)
     return found
 
 
@@ -47,17 +48,18 @@ def _envs(root: Path, cutoff: float, dry_run: bool, reporter: Reporter) -> list[
     for key in store.env_keys(root):
         env_dir = root / key
         entry = store.describe_env(root, key, with_size=False)
-        if entry.in_use:
-            continue
         if entry.complete:
             if (entry.last_used or 0.0) >= cutoff:
                 continue
-            why = f"not used since {store._iso(entry.last_used)}"
+            why = f"not used since {store.iso(entry.last_used)}"
         else:
-            holder = read_lock(provision.lock_path(root, key), lease=lock_lease())
-            if holder is not None and holder.stale_reason is None:
+            state = read_lock(provision.lock_path(root, key), lease=lock_lease())
+            if state is not None and state.stale_reason is None:
                 continue  # a live builder is working on it
-            why = "incomplete, no live builder"
+            why = "incomplete (its build was interrupted), no live builder"
+        if entry.in_use:
+            reporter.info(f"keeping env {key}: dbt is running in it")
+            continue
         size = store.dir_size(env_dir)
         if not dry_run and not _remove_locked(root, key, reporter):
             continue
@@ -66,28 +68,35 @@ def _envs(root: Path, cutoff: float, dry_run: bool, reporter: Reporter) -> list[
 
 
 def _remove_locked(root: Path, key: str, reporter: Reporter) -> bool:
+    """Remove one env under its lock, unless somebody uses or builds it right now."""
     lock = EnvLock(
         provision.lock_path(root, key), timeout=0, lease=lock_lease(), on_wait=reporter.info
     )
     try:
         with lock:
             store.remove_env(root / key)
-    except (LockTimeout, store.EnvInUse):
-        return False  # somebody started using or building it meanwhile: leave it
+    except LockTimeout:
+        reporter.info(f"keeping env {key}: another process holds its lock")
+        return False
+    except store.EnvInUse:
+        reporter.info(f"keeping env {key}: dbt is running in it")
+        return False
     return True
 
 
-def _stale_locks(root: Path, dry_run: bool, reporter: Reporter) -> list[Collected]:
+def _stale_locks(root: Path, dry_run: bool) -> list[Collected]:
     found = []
-    for path in root.glob(f"*{store.LOCK_SUFFIX}"):
+    for path in sorted(root.glob(f"*{store.LOCK_SUFFIX}")):
         state = read_lock(path, lease=lock_lease())
         if state is None or state.stale_reason is None:
             continue
         if not dry_run:
             # Taking a stale lock over and releasing it removes it, race-free.
-            with contextlib.suppress(LockTimeout):
+            try:
                 EnvLock(path, timeout=0, lease=lock_lease()).__enter__().release()
-        found.append(Collected(path, 0, f"stale lock: {state.stale_reason}"))
+            except LockTimeout:
+                continue  # a live process took it over meanwhile
+        found.append(Collected(path, _file_size(path), f"stale lock: {state.stale_reason}"))
     return found
 
 
@@ -99,12 +108,28 @@ def _leftovers(root: Path, dry_run: bool) -> list[Collected]:
         if not dry_run:
             store.empty_trash(root)
     now = time.time()
-    for path in root.glob(".*.tmp"):
+    for path in sorted(root.glob(".*.tmp")):
         with contextlib.suppress(OSError):
             if now - path.lstat().st_mtime > ORPHAN_TMP_AGE:
-                found.append(
-                    Collected(path, path.lstat().st_size, "temporary file of a dead writer")
-                )
+                found.append(Collected(path, _file_size(path), "temporary file of a dead writer"))
                 if not dry_run:
                     os.unlink(path)
     return found
+
+
+def _temporary_envs(dry_run: bool) -> list[Collected]:
+    found = []
+    for path in provision.abandoned_temporary_envs():
+        found.append(
+            Collected(path, store.dir_size(path), "temporary env of a run that was killed")
+        )
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0

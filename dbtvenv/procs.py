@@ -7,7 +7,6 @@ import ctypes
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,8 @@ class ProcessIdentity:
 
 
 def hostname() -> str:
+    import socket
+
     return socket.gethostname()
 
 
@@ -78,20 +79,26 @@ def pid_exists(pid: int) -> bool:
     return bool(psutil.pid_exists(pid))
 
 
-def child_setup(*, new_process_group: bool) -> Callable[[], None]:
+def child_setup(*, new_process_group: bool, interruptible: bool = False) -> Callable[[], None]:
     """What a child does between fork and exec: die with us, and optionally lead its own group.
 
     The parent-death signal makes a SIGKILLed dbtvenv take its children along, so no pip keeps
-    writing into a half-built env and no dbt runs on as an orphan.
+    writing into a half-built env and no dbt runs on as an orphan. An `interruptible` child
+    gets SIGINT back even if we were started with it ignored, so that we can stop it politely.
     """
     parent = os.getpid()
-    libc = _load_libc()  # before fork: nothing to load in the child
+    libc = _load_libc()
+    # Looked up before fork, so that the child does as little as it can before exec: another
+    # thread (the lock's refresher) may have held a lock at the moment of the fork.
+    prctl = libc.prctl if libc is not None else None
 
     def setup() -> None:
         if new_process_group:
             os.setpgid(0, 0)
-        if libc is not None:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if interruptible:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the signal was armed
             os._exit(128 + signal.SIGKILL)
 
@@ -122,16 +129,18 @@ def run_captured(
     """Run a helper (venv, pip, uv) with its output merged and read line by line.
 
     `on_tick` runs at least every `tick` seconds while the child lives (a lock holder refreshes
-    its lease there). On any exception, the child's whole process group is killed first.
+    its lease there). On any exception (a signal, say) the child's whole process group is
+    stopped first, see `_stop_child`.
     """
     tail: deque[str] = deque(maxlen=tail_lines)
+    keep_exit_statuses()
     proc = subprocess.Popen(
         list(argv),
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=child_setup(new_process_group=True),
+        preexec_fn=child_setup(new_process_group=True, interruptible=True),
     )
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -162,12 +171,37 @@ def run_captured(
             except subprocess.TimeoutExpired:
                 on_tick()
     except BaseException:
-        kill_group(proc.pid)
-        proc.wait()
+        _stop_child(proc)
         raise
     finally:
         proc.stdout.close()
     return Captured(returncode, tuple(tail))
+
+
+STOP_GRACE = 3.0
+_TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    """Interrupt an installer's group as a Ctrl-C would, so pip removes its temp files; SIGKILL
+    whatever of it is left after a moment.
+
+    Further termination signals wait until it is gone: a second Ctrl-C cannot leave it running.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE
+        # Not reaped yet, so its pid still names its group for the kill below.
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        kill_group(proc.pid)
+        proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def kill_group(pgid: int) -> None:
@@ -175,17 +209,49 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def kill_descendants() -> None:
-    """SIGKILL every process below us and reap it (we are their subreaper)."""
+def kill_descendants(timeout: float = 10.0) -> None:
+    """SIGKILL every process below us and reap them.
+
+    Meant for a subreaper: a descendant whose parent dies becomes our child, so once we have
+    no child left, no descendant is left. One that forks while we kill is found on the next
+    round; after `timeout` seconds we give up rather than hang.
+    """
+    if not _has_children():
+        return  # the usual case, found without loading psutil: nothing is left below us
     import psutil
 
     me = psutil.Process()
-    for _ in range(10):  # a dying child may have just forked: look again until none is left
-        children = me.children(recursive=True)
-        if not children:
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # no child, so no descendant
+            if pid == 0:
+                break
+        if time.monotonic() >= deadline:
             return
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(children, timeout=2)
         time.sleep(0.01)
+
+
+def _has_children() -> bool:
+    """Whether any child is left, reaping those that have already exited."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
+def keep_exit_statuses() -> None:
+    """Undo an inherited `SIGCHLD` ignore: with it the kernel reaps our children at once and a
+    failed child's status reads as 0."""
+    if signal.getsignal(signal.SIGCHLD) is signal.SIG_IGN:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing we can do there
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)

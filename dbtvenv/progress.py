@@ -6,9 +6,12 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dbtvenv.redact import redact
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Installer lines worth a line of their own in a log.
 _MILESTONES = ("Installing collected packages", "Successfully installed", "Installed ")
@@ -43,44 +46,104 @@ class Reporter:
         """Stop anything live; plain output has nothing to stop."""
 
 
+REDRAW_INTERVAL = 0.1
+
+
 class LiveReporter(Reporter):
-    """A spinner with the current phase and installer step, replaced by one line when done."""
+    """On a terminal: one live line (spinner, phase, elapsed seconds, the installer's current
+    step) that vanishes into a one-line summary when the build is done."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
-        from rich.console import Console
-
-        self.console = Console(file=self.stream, highlight=False)
-        self._status: Any = None
+        self._console: Console | None = None
+        self._live: Any = None
         self._phase = ""
+        self._step = ""
         self._started = time.monotonic()
+        self._spinner: Any = None
+        self._shown = 0.0
+
+    @property
+    def console(self) -> Console:
+        """rich, loaded on first use: a run that builds nothing says nothing and needs none."""
+        if self._console is None:
+            from rich.console import Console
+
+            # rich honours NO_COLOR (no colours) and TERM=dumb itself.
+            self._console = Console(file=self.stream, highlight=False)
+        return self._console
 
     def info(self, message: str) -> None:
         self.console.print(f"dbtvenv: {redact(message)}", markup=False)
 
     def phase(self, message: str) -> None:
         self._phase = redact(message)
-        if self._status is None:
+        self._step = ""
+        self._shown = 0.0  # show the first installer step of a phase at once
+        if self._live is None:
+            from rich.live import Live
+
             self._started = time.monotonic()
-            self._status = self.console.status(self._phase)
-            self._status.start()
-        else:
-            self._status.update(self._phase)
+            self._live = Live(
+                _LiveLine(self),
+                console=self.console,
+                transient=True,  # the live line vanishes; done() prints the summary
+                refresh_per_second=8,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._live.start()
+        self._live.refresh()
 
     def detail(self, line: str) -> None:
-        if self._status is not None and line.strip():
-            elapsed = time.monotonic() - self._started
-            text = redact(line.strip())[: max(self.console.width - len(self._phase) - 16, 20)]
-            self._status.update(f"{self._phase} [dim]{elapsed:4.0f}s · {_escape(text)}[/dim]")
+        if not line.strip():
+            return
+        self._step = redact(line.strip())
+        # The live view redraws itself 8 times a second; a new step is shown at once unless
+        # the installer is pouring out lines faster than anyone could read them.
+        now = time.monotonic()
+        if self._live is not None and now - self._shown >= REDRAW_INTERVAL:
+            self._shown = now
+            self._live.refresh()
 
     def done(self, message: str) -> None:
         self.close()
         self.console.print(f"[green]✓[/green] dbtvenv: {_escape(redact(message))}")
 
     def close(self) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def render(self, width: int) -> Any:
+        """The live line: `⠹ installing 2 requirement(s) with pip  12s  Collecting dbt-core`."""
+        from rich.spinner import Spinner
+        from rich.text import Text
+
+        if self._spinner is None:
+            self._spinner = Spinner("dots", style="green")
+        elapsed = time.monotonic() - self._started
+        line = Text.assemble(
+            self._spinner.render(self.console.get_time()),
+            " ",
+            self._phase,
+            (f"  {elapsed:.0f}s", "bold"),
+        )
+        if self._step:
+            line.append(f"  {self._step}", style="dim")
+        line.no_wrap = True
+        line.truncate(max(width, 1), overflow="ellipsis")
+        return line
+
+
+class _LiveLine:
+    """Rendered afresh at every refresh, so the elapsed time and the spinner move on their own."""
+
+    def __init__(self, reporter: LiveReporter) -> None:
+        self.reporter = reporter
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield self.reporter.render(options.max_width)
 
 
 def _escape(text: str) -> str:

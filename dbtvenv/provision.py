@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import signal
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dbtvenv import procs, store
-from dbtvenv.build import build_env
-from dbtvenv.lock import EnvLock
+from dbtvenv.errors import LockTimeout
 from dbtvenv.progress import Reporter
 from dbtvenv.settings import Settings
 from dbtvenv.spec import EnvSpec
 
+if TYPE_CHECKING:  # the warm path (a complete env) needs neither: imported when building
+    from dbtvenv.lock import EnvLock
+
 TEMP_PREFIX = "dbtvenv-"
 TEMP_OWNER = "owner.json"
 TEMP_ENV = "env"
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}[a-z0-9_]{{8}}$")
 
 
 def lock_path(root: Path, key: str) -> Path:
@@ -43,12 +47,15 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
             return env_dir
         reporter.info(f"building env {spec.key}: {reason}")
         if env_dir.exists() or env_dir.is_symlink():
-            _discard(env_dir)
-        _build(env_dir, spec, settings, reporter, on_tick=lock.refresh, tick=lock.refresh_interval)
+            _discard(env_dir, reason)
+        # The lease is renewed by the lock's own thread; the build only checks it still holds it.
+        _build(env_dir, spec, settings, reporter, on_tick=lock.check)
     return env_dir
 
 
 def new_lock(root: Path, key: str, settings: Settings, reporter: Reporter) -> EnvLock:
+    from dbtvenv.lock import EnvLock
+
     return EnvLock(
         lock_path(root, key),
         timeout=settings.lock_timeout,
@@ -57,12 +64,23 @@ def new_lock(root: Path, key: str, settings: Settings, reporter: Reporter) -> En
     )
 
 
-def _discard(env_dir: Path) -> None:
-    """Remove a broken or half-built env; a symlink in its place is removed, never followed."""
+def _discard(env_dir: Path, reason: str) -> None:
+    """Remove a broken or half-built env; a symlink in its place is removed, never followed.
+
+    A half-built env (no manifest) is nobody's to use. A complete one that broke may still
+    have a dbt running in it: that one is left alone, never pulled from under it.
+    """
     if env_dir.is_symlink():
         env_dir.unlink()
-    else:
-        store.remove_env(env_dir, force=True)
+        return
+    complete = (env_dir / store.MANIFEST).is_file()
+    try:
+        store.remove_env(env_dir, force=not complete)
+    except store.EnvInUse:
+        raise LockTimeout(
+            f"env {env_dir.name} must be rebuilt ({reason}), but a dbt is still running in it; "
+            "try again once it has finished"
+        ) from None
 
 
 def _build(
@@ -74,6 +92,8 @@ def _build(
     on_tick: Callable[[], None] = lambda: None,
     tick: float = 1.0,
 ) -> None:
+    from dbtvenv.build import build_env
+
     manifest = build_env(
         env_dir,
         spec,
@@ -96,6 +116,8 @@ def temporary_env(spec: EnvSpec, settings: Settings, reporter: Reporter) -> Iter
 
     The dir records its owner, so `env gc` can remove one left behind by a SIGKILLed run.
     """
+    import tempfile
+
     base = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     try:
         me = procs.own_identity()
@@ -111,6 +133,8 @@ def temporary_env(spec: EnvSpec, settings: Settings, reporter: Reporter) -> Iter
 
 def _remove_uninterrupted(path: Path) -> None:
     """rmtree with termination signals held back, so a second Ctrl-C cannot leave half a tree."""
+    import shutil
+
     held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
@@ -121,25 +145,36 @@ def _remove_uninterrupted(path: Path) -> None:
 
 def abandoned_temporary_envs(tmpdir: str | None = None) -> list[Path]:
     """Temporary env dirs whose owner process is gone (left by a SIGKILLed run)."""
+    import tempfile
+
     base = Path(tmpdir or tempfile.gettempdir())
     found = []
     try:
-        candidates = [p for p in base.iterdir() if p.name.startswith(TEMP_PREFIX)]
+        # Only what mkdtemp(prefix=TEMP_PREFIX) makes; never another program's `dbtvenv-...`.
+        candidates = [p for p in base.iterdir() if _TEMP_NAME.match(p.name)]
     except OSError:
         return []
     for path in candidates:
-        if path.is_symlink() or not path.is_dir():
-            continue
         try:
-            if path.stat().st_uid != os.getuid():
+            st = path.lstat()
+            if (
+                not stat.S_ISDIR(st.st_mode)
+                or st.st_uid != os.getuid()
+                or stat.S_IMODE(st.st_mode) != 0o700
+            ):
                 continue
             owner = json.loads((path / TEMP_OWNER).read_text())
-            alive = owner.get("hostname") == procs.hostname() and procs.is_running(
+            # Another host's run (a shared temp dir) cannot be checked from here: keep it.
+            alive = owner.get("hostname") != procs.hostname() or procs.is_running(
                 int(owner["pid"]), float(owner["create_time"])
             )
-        except (OSError, ValueError, KeyError, TypeError):
-            # No readable owner: a run killed before writing it, if the dir is not brand new.
-            alive = _age(path) < 60
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # No readable owner: a run killed while writing it, if that is all the dir holds
+            # and it is not brand new; anything else is not ours to judge.
+            try:
+                alive = not set(os.listdir(path)) <= {TEMP_OWNER} or _age(path) < 60
+            except OSError:
+                alive = True
         if not alive:
             found.append(path)
     return found

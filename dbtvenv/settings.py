@@ -23,7 +23,10 @@ def env_seconds(name: str, default: float, *, minimum: float = 0.0) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < minimum:
-        raise UsageError(f"{name}={raw!r} is not a number of seconds >= {minimum:g}")
+        raise UsageError(
+            f"{name}={raw!r} is not a number of seconds >= {minimum:g}; "
+            f"set it to one, such as {default:g}, or unset it for that default"
+        )
     return value
 
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -89,7 +89,8 @@ def resolve_spec(
     if not requirements and not requirements_files:
         raise UsageError(
             "no requirements given: name dbt and an adapter with --requirements "
-            "(e.g. --requirements 'dbt-postgres~=1.9.0') or DBTVENV_REQUIREMENTS"
+            "(e.g. --requirements 'dbt-postgres~=1.9.0'), DBTVENV_REQUIREMENTS or "
+            "--requirements-file PATH"
         )
     return EnvSpec(
         requirements=tuple(normalise_requirement(r) for r in requirements),
@@ -101,17 +102,61 @@ def resolve_spec(
     )
 
 
+_WS = r"[ \t]*"
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_RELEASE = r"[0-9]+(?:\.[0-9]+)*"
+_SPECIFIER = (
+    rf"{_WS}(?:(?:==|!=){_WS}{_RELEASE}(?:\.\*)?"
+    rf"|~={_WS}[0-9]+(?:\.[0-9]+)+"
+    rf"|(?:<=|>=|<|>){_WS}{_RELEASE}){_WS}"
+)
+# name[extras] and release-number specifiers: most requirements, spelt out without `packaging`
+# (whose import costs tens of milliseconds on every run) and normalised exactly as it would.
+_SIMPLE_REQUIREMENT = re.compile(
+    rf"{_WS}(?P<name>{_NAME}){_WS}"
+    rf"(?:\[(?P<extras>{_WS}{_NAME}{_WS}(?:,{_WS}{_NAME}{_WS})*)\])?"
+    rf"(?P<specifiers>{_SPECIFIER}(?:,{_SPECIFIER})*)?"
+)
+
+
+def _canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _normalise_simple(text: str) -> str | None:
+    match = _SIMPLE_REQUIREMENT.fullmatch(text)
+    if match is None:
+        return None
+    out = _canonical_name(match["name"])
+    if match["extras"]:
+        extras = {e.strip() for e in match["extras"].split(",")}
+        out += "[" + ",".join(sorted(_canonical_name(e) for e in extras)) + "]"
+    if match["specifiers"]:
+        specifiers = {re.sub(r"[ \t]+", "", s) for s in match["specifiers"].split(",")}
+        out += ",".join(sorted(specifiers))
+    return out
+
+
 def normalise_requirement(text: str) -> str:
     """A PEP 508 requirement in one canonical spelling, so equal specs get equal keys."""
+    simple = _normalise_simple(text)
+    if simple is not None:
+        return simple
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.utils import canonicalize_name
 
     try:
         req = Requirement(text)
     except InvalidRequirement as exc:
+        hint = "write a PEP 508 requirement such as 'dbt-duckdb~=1.9.0' or 'name @ https://...'"
+        if text.strip()[:1] in ("<", ">", "=", "!", "~", ",") or text.rstrip().endswith(","):
+            # `DBTVENV_REQUIREMENTS='dbt-core>=1.8, <2'` is split at the space.
+            hint = (
+                "DBTVENV_REQUIREMENTS is split at whitespace, so write one requirement without "
+                "spaces, such as 'dbt-core>=1.8,<2'"
+            )
         raise UsageError(
-            f"malformed requirement {redact(text)!r}: {redact(str(exc)).splitlines()[0]} "
-            "(write a PEP 508 requirement such as 'dbt-duckdb~=1.9.0' or 'name @ https://...')"
+            f"malformed requirement {redact(text)!r}: {redact(str(exc)).splitlines()[0]} ({hint})"
         ) from None
     out: str = canonicalize_name(req.name)
     if req.extras:
@@ -136,23 +181,40 @@ def split_pip_options(text: str | None) -> tuple[str, ...]:
         ) from None
 
 
+_FILE_OPTIONS = {
+    "requirements": "--requirements-file or DBTVENV_REQUIREMENTS_FILE",
+    "constraints": "--constraints or DBTVENV_CONSTRAINTS",
+}
+
+
 def _input_file(path: str, kind: str) -> InputFile:
     p = Path(path).expanduser().absolute()
+    given = f"check the path given to {_FILE_OPTIONS.get(kind, kind)}"
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"{kind} file {path!r} does not exist") from None
+        where = "" if os.path.isabs(os.path.expanduser(path)) else f" (looked for {p})"
+        raise UsageError(f"{kind} file {path!r} does not exist{where}; {given}") from None
     except IsADirectoryError:
-        raise UsageError(f"{kind} file {path!r} is a directory, not a file") from None
+        example = os.path.join(path, f"{kind}.txt")
+        raise UsageError(
+            f"{kind} file {path!r} is a directory, not a file; give the file in it, e.g. {example}"
+        ) from None
     except OSError as exc:
-        raise UsageError(f"cannot read {kind} file {path!r}: {exc.strerror}") from None
+        raise UsageError(
+            f"cannot read {kind} file {path!r}: {exc.strerror}; make it readable for this user "
+            f"or {given}"
+        ) from None
     return InputFile(path=p, sha256=hashlib.sha256(data).hexdigest())
 
 
+# Runs on any Python, even 2.7, so that one too old is told so (`-I` is 3.4+: `-E -s` and no
+# current directory on sys.path do the same here).
 _PROBE = (
-    "import json, platform, sys; "
-    "print(json.dumps([sys.implementation.name, platform.python_version(), "
-    "sys.version_info >= (3, 8)]))"
+    "import sys; del sys.path[0]; import json, platform; "
+    "impl = getattr(sys, 'implementation', None); "
+    "print(json.dumps([impl.name if impl else platform.python_implementation().lower(), "
+    "platform.python_version(), sys.version_info >= (3, 8)]))"
 )
 
 
@@ -162,27 +224,49 @@ def find_interpreter(python: str | None) -> Interpreter:
         # The interpreter below dbtvenv's own venv, if any: the env must not depend on that venv.
         base = getattr(sys, "_base_executable", None) or sys.executable
         return Interpreter(base, platform.python_version(), sys.implementation.name)
+    import shutil
+
     found = shutil.which(python) if os.sep not in python else python
     if found is None or not os.path.isfile(found):
+        where = "not found on PATH" if found is None else "no such file"
+        if found is not None and os.path.isdir(found):
+            where = "a directory, not an interpreter"
         raise UsageError(
-            f"--python {python!r}: no such interpreter (give a path or a name on PATH)"
+            f"--python {python!r}: {where}; give the path of a Python 3.8+ interpreter, "
+            "e.g. --python /usr/bin/python3.11"
         )
     executable = os.path.abspath(found)
     if not os.access(executable, os.X_OK):
-        raise UsageError(f"--python {python!r}: {executable} is not executable")
+        raise UsageError(
+            f"--python {python!r}: {executable} is not executable; give a Python interpreter"
+        )
     try:
-        out = subprocess.run(
-            [executable, "-I", "-c", _PROBE],
+        probe = subprocess.run(
+            [executable, "-E", "-s", "-c", _PROBE],
             capture_output=True,
             timeout=60,
-            check=True,
             stdin=subprocess.DEVNULL,
-        ).stdout
-        implementation, version, supported = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        said = getattr(exc, "strerror", None) or "it did not answer within 60 s"
         raise UsageError(
-            f"--python {python!r}: {executable} does not run as a Python interpreter"
+            f"--python {python!r}: {executable} does not run as a Python interpreter ({said}); "
+            "give the path of a Python 3.8+ interpreter"
+        ) from None
+    try:
+        if probe.returncode != 0:
+            raise ValueError
+        implementation, version, supported = json.loads(probe.stdout)
+    except ValueError:
+        lines = probe.stderr.decode("utf-8", "replace").strip().splitlines()
+        said = f" (it said: {lines[0].strip()[:200]})" if lines else ""
+        raise UsageError(
+            f"--python {python!r}: {executable} does not run as a Python interpreter{said}; "
+            "give the path of a Python 3.8+ interpreter"
         ) from None
     if not supported:
-        raise UsageError(f"--python {python!r}: Python {version} is too old for dbt")
+        raise UsageError(
+            f"--python {python!r}: Python {version} is too old for dbt, which needs 3.8 or "
+            "newer; give a newer interpreter"
+        )
     return Interpreter(executable, str(version), str(implementation))

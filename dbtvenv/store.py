@@ -8,10 +8,9 @@ import fcntl
 import json
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,27 @@ def check_not_foreign_symlink(root: Path) -> None:
     """Refuse a venv dir that is another user's symlink: it leads where we did not choose."""
     try:
         st = os.lstat(root)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # open_cache_root creates it, or says why it cannot
+    except OSError as exc:
+        raise VenvDirError(
+            f"cannot reach venv dir {root}: {exc.strerror}; check the permissions of the dirs "
+            "above it, or choose another --venv-dir"
+        ) from None
     if os.path.islink(root) and st.st_uid not in (os.getuid(), 0):
         raise VenvDirError(
             f"venv dir {root} is a symbolic link owned by another user (uid {st.st_uid}); "
             "not following it: remove it or choose another --venv-dir"
         )
+    try:
+        os.lstat(os.path.join(root, "."))  # needs search permission, as every use does
+    except PermissionError:
+        raise VenvDirError(
+            f"cannot enter venv dir {root}: permission denied; fix its permissions "
+            "(chmod u+rwx) or choose another --venv-dir"
+        ) from None
+    except OSError:
+        pass  # not a directory: open_cache_root says so
 
 
 def open_cache_root(venv_dir: Path) -> Path:
@@ -55,16 +68,23 @@ def open_cache_root(venv_dir: Path) -> Path:
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
-        raise VenvDirError(f"venv dir {root} exists and is not a directory") from None
+        raise VenvDirError(
+            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
+        ) from None
     except OSError as exc:
-        raise VenvDirError(f"cannot create venv dir {root}: {exc.strerror}") from None
+        raise VenvDirError(
+            f"cannot create venv dir {root}: {exc.strerror}; check the path and the "
+            "permissions of the dirs above it, or choose another --venv-dir"
+        ) from None
     if not root.is_dir():
-        raise VenvDirError(f"venv dir {root} exists and is not a directory")
+        raise VenvDirError(
+            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
+        )
     tag = root / "CACHEDIR.TAG"
     try:
         if not tag.exists():
             _write_atomic(tag, CACHEDIR_TAG.encode())
-        probe = root / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        probe = root / f".write-test-{os.getpid()}-{os.urandom(4).hex()}"
         probe.touch()
         probe.unlink()
     except OSError as exc:
@@ -76,7 +96,7 @@ def open_cache_root(venv_dir: Path) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -112,7 +132,11 @@ def env_problem(env_dir: Path) -> str | None:
 
     Cheap on purpose (a few stats, no child process): it runs before every dbt command.
     """
-    if not (env_dir / MANIFEST).is_file():
+    try:
+        complete = (env_dir / MANIFEST).is_file()
+    except PermissionError:
+        return "it cannot be read (permission denied)"
+    if not complete:
         if env_dir.exists():
             return "the last build was interrupted"
         return "no env for this spec yet"
@@ -151,8 +175,9 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
         raise
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        # A remover may have taken the env away between our check and our mark.
-        if not (env_dir / MANIFEST).is_file():
+        # A remover may have taken the env away between our check and our mark (and another
+        # process may even have rebuilt it: then our mark is the old env's, in the trash).
+        if not (env_dir / MANIFEST).is_file() or not _same_file(fd, env_dir / USE_MARK):
             yield False
             return
         with contextlib.suppress(OSError):
@@ -162,11 +187,27 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def is_in_use(env_dir: Path) -> bool:
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        fd = os.open(env_dir / USE_MARK, os.O_RDONLY | os.O_NOFOLLOW)
+        st = os.lstat(path)
     except OSError:
         return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def is_in_use(env_dir: Path) -> bool:
+    # Opened for writing where we may: NFS emulates flock with POSIX locks, and an exclusive
+    # one needs a file open for writing (EBADF otherwise). Read-only is enough elsewhere.
+    try:
+        fd = os.open(env_dir / USE_MARK, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return False
+        try:
+            fd = os.open(env_dir / USE_MARK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -205,23 +246,34 @@ def remove_env(env_dir: Path, *, force: bool = False) -> None:
             (env_dir / MANIFEST).unlink()
         trash = env_dir.parent / TRASH
         trash.mkdir(exist_ok=True)
-        doomed = trash / f"{env_dir.name}-{secrets.token_hex(4)}"
+        doomed = trash / f"{env_dir.name}-{os.urandom(4).hex()}"
         os.rename(env_dir, doomed)
     finally:
         if fd is not None:
             os.close(fd)
+    import shutil
+
     shutil.rmtree(doomed, ignore_errors=True)
 
 
 def empty_trash(root: Path) -> None:
+    import shutil
+
     shutil.rmtree(root / TRASH, ignore_errors=True)
 
 
 def env_keys(root: Path) -> list[str]:
+    """The keys of the envs (complete or not) in the cache dir; none if it does not exist."""
     try:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise VenvDirError(f"venv dir {root} exists and is not a directory") from None
+    except OSError as exc:
+        raise VenvDirError(
+            f"cannot read venv dir {root}: {exc.strerror}; fix its permissions"
+        ) from None
     return sorted(n for n in names if KEY_PATTERN.match(n) and (root / n).is_dir())
 
 
@@ -244,6 +296,8 @@ def dir_size(path: Path) -> int:
 
 @dataclass(frozen=True)
 class EnvEntry:
+    """One env of a cache dir as `env list` and `env info` show it."""
+
     key: str
     path: Path
     manifest: dict[str, Any] | None
@@ -255,43 +309,66 @@ class EnvEntry:
     def complete(self) -> bool:
         return self.manifest is not None
 
+    @property
+    def distributions(self) -> dict[str, str]:
+        """Installed distributions, canonical name -> version."""
+        found: dict[str, str] = {}
+        for dist in (self.manifest or {}).get("distributions", []):
+            if isinstance(dist, dict) and dist.get("name"):
+                found[canonical_name(str(dist["name"]))] = str(dist.get("version"))
+        return found
+
     def version_of(self, name: str) -> str | None:
-        for dist in (self.manifest or {}).get("distributions", []):
-            if dist.get("name", "").lower().replace("_", "-") == name:
-                return str(dist.get("version"))
-        return None
+        return self.distributions.get(canonical_name(name))
 
     @property
-    def adapters(self) -> list[str]:
-        names = []
-        for dist in (self.manifest or {}).get("distributions", []):
-            name = str(dist.get("name", "")).lower().replace("_", "-")
-            if name.startswith("dbt-") and name not in NOT_ADAPTERS:
-                names.append(f"{name}=={dist.get('version')}")
-        return sorted(names)
+    def adapters(self) -> dict[str, str]:
+        """dbt's adapters (every `dbt-*` distribution that is not part of dbt itself)."""
+        return {
+            name: version
+            for name, version in sorted(self.distributions.items())
+            if name.startswith("dbt-") and name not in NOT_ADAPTERS
+        }
 
     @property
-    def created(self) -> str | None:
-        return None if self.manifest is None else self.manifest.get("created")
+    def created(self) -> float | None:
+        return parse_iso((self.manifest or {}).get("created"))
+
+    @property
+    def python(self) -> str | None:
+        python = (self.manifest or {}).get("python")
+        return str(python["version"]) if isinstance(python, dict) and "version" in python else None
+
+    @property
+    def requirements(self) -> list[str]:
+        spec = (self.manifest or {}).get("spec") or {}
+        return [str(r) for r in spec.get("requirements", [])]
+
+    @property
+    def requirements_files(self) -> list[str]:
+        spec = (self.manifest or {}).get("spec") or {}
+        return [str(f.get("path")) for f in spec.get("requirements_files", [])]
 
     def to_json(self) -> dict[str, Any]:
-        manifest = self.manifest or {}
+        """The `env list --json` object of this env (documented in docs/json.md)."""
         return {
             "key": self.key,
             "path": str(self.path),
             "complete": self.complete,
             "in_use": self.in_use,
-            "requirements": manifest.get("spec", {}).get("requirements", []),
-            "python": manifest.get("python", {}).get("version"),
+            "requirements": self.requirements,
+            "requirements_files": self.requirements_files,
+            "python": self.python,
             "dbt_core": self.version_of("dbt-core"),
             "adapters": self.adapters,
-            "installer": manifest.get("installer"),
+            "installer": (self.manifest or {}).get("installer"),
             "size": self.size,
-            "created": self.created,
-            "last_used": _iso(self.last_used),
+            "created": iso(self.created),
+            "last_used": iso(self.last_used),
         }
 
 
+# dbt's own distributions: everything else named dbt-* is an adapter.
 NOT_ADAPTERS = {
     "dbt-core",
     "dbt-adapters",
@@ -302,21 +379,40 @@ NOT_ADAPTERS = {
 }
 
 
-def _iso(timestamp: float | None) -> str | None:
+def canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def iso(timestamp: float | None) -> str | None:
+    """A time as ISO 8601 in UTC, to the second: `2026-11-24T15:00:00+00:00`."""
     if timestamp is None:
         return None
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
+def parse_iso(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
 def describe_env(root: Path, key: str, *, with_size: bool = True) -> EnvEntry:
+    """What is known about `root/<key>` without locking anything."""
     path = root / key
+    manifest = read_manifest(path)
+    # Never used by dbt yet: its last use is its creation (or, half-built, its last write).
+    used = last_used(path) or _mtime(path / MANIFEST if manifest is not None else path)
     return EnvEntry(
         key=key,
         path=path,
-        manifest=read_manifest(path),
-        last_used=last_used(path) or _mtime(path / MANIFEST),
+        manifest=manifest,
+        last_used=used,
         in_use=is_in_use(path),
         size=dir_size(path) if with_size else 0,
     )
@@ -330,5 +426,8 @@ def _mtime(path: Path) -> float | None:
 
 
 def list_envs(root: Path) -> list[EnvEntry]:
+    """Every env of the cache dir, most recently used first."""
     entries = [describe_env(root, key) for key in env_keys(root)]
-    return sorted(entries, key=lambda e: e.last_used or 0.0, reverse=True)
+    return sorted(
+        entries, key=lambda e: (e.last_used or 0.0, e.created or 0.0, e.key), reverse=True
+    )

@@ -22,6 +22,8 @@ The stand-in ``dbt`` is driven by environment variables (argv is only reported b
 ``STANDIN_GRANDCHILD_PIDFILE``
     start ``sys.executable -c 'import time; time.sleep(3600)'`` (same session and process
     group, stdin/stdout/stderr on /dev/null so it never holds a pipe open) and write its pid.
+``STANDIN_GRANDCHILD_SETSID``
+    start that grandchild with ``setsid()``, out of dbt's process group.
 ``STANDIN_FIRST_LINE``
     print that line on stdout at once and flush (before any sleep).
 ``STANDIN_STDOUT_BYTES`` / ``STANDIN_STDERR_BYTES``
@@ -49,7 +51,7 @@ import base64
 import hashlib
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -172,7 +174,8 @@ def _kill_self(name):
         name = "SIG" + name
     sig = signal.Signals[name]
     _flush_std()
-    signal.signal(sig, signal.SIG_DFL)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot have a handler
+        signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)
     _sleep(1.0)  # only reached for signals whose default action is not fatal
 
@@ -190,6 +193,7 @@ def main():
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=_flag("STANDIN_GRANDCHILD_SETSID"),
         )
         _write_atomic(env["STANDIN_GRANDCHILD_PIDFILE"], str(grandchild.pid))
 
@@ -250,6 +254,12 @@ exec(compile(STANDIN_SOURCE, "dbt_standin.py", "exec"), _NAMESPACE)
 def expected_output(n: int) -> bytes:
     """The exact bytes the stand-in writes for ``STANDIN_STDOUT_BYTES=n`` (or STDERR)."""
     generate = cast(Callable[[int], bytes], _NAMESPACE["expected_output"])
+    return generate(n)
+
+
+def iter_expected_output(n: int) -> Iterator[bytes]:
+    """``expected_output(n)`` in chunks of at most 64 KiB, for sizes too big to hold at once."""
+    generate = cast(Callable[[int], Iterator[bytes]], _NAMESPACE["iter_output"])
     return generate(n)
 
 
