@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from dbtvenv.cli import main
+from dbtvenv.main import main
 
 raise SystemExit(main())

@@ -23,7 +23,18 @@ from dbtvenv.spec import EnvSpec
 from dbtvenv.store import write_manifest
 
 # Never leak into a helper: they would load the wrong modules, or skip compiling bytecode.
-_HELPER_ENV_REMOVE = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+# PIP_USER, PIP_TARGET, PIP_PREFIX and PIP_ROOT (Airflow's images set PIP_USER) would send
+# the env's packages somewhere else, even into Airflow's own user site.
+_HELPER_ENV_REMOVE = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "PYTHONDONTWRITEBYTECODE",
+    "PIP_USER",
+    "PIP_TARGET",
+    "PIP_PREFIX",
+    "PIP_ROOT",
+)
 _LIST_DISTRIBUTIONS = (
     "import importlib.metadata as m, json; "
     "print(json.dumps(sorted({(d.metadata['Name'], d.version) for d in m.distributions() "
@@ -142,7 +153,9 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
         # signal reaches our direct child only) and keep writing into the half-built env.
         pip = [str(env_python), runner]
     quiet = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
-    return [*pip, "install", *quiet, "--compile", "--no-warn-script-location", *args]
+    # --no-user: a `user = true` in a pip config file must not install outside the env either
+    into_env = ["--no-user", "--compile", "--no-warn-script-location"]
+    return [*pip, "install", *quiet, *into_env, *args]
 
 
 def venv_command(installer: str, env_dir: Path, spec: EnvSpec) -> list[str]:
@@ -254,6 +267,8 @@ def _run(
         )
     except FileNotFoundError as exc:
         raise BuildError(f"cannot run {what}: {exc.filename} not found") from None
+    except OSError as exc:  # not a program for this machine (ENOEXEC), not executable, ...
+        raise BuildError(f"cannot run {what} ({argv[0]}): {exc.strerror or exc}") from None
     if result.returncode != 0:
         raise BuildError(
             _failure_message(what, result.returncode, result.tail, where), redact_all(result.tail)

@@ -6,18 +6,27 @@ ends them, and everything from there goes to dbt unchanged.
 
 from __future__ import annotations
 
-import math
-import signal
+import os
 import sys
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from dbtvenv import __version__
-from dbtvenv.errors import EX_SIGNAL_BASE, EX_SOFTWARE, EX_USAGE, DbtvenvError, Interrupted
+from dbtvenv.errors import EX_USAGE
+from dbtvenv.options import (
+    CHOICE,
+    DBT_COMMANDS,
+    DBT_SUBCOMMANDS,
+    ENV_OPTIONS,
+    FLAG,
+    MULTIPLE,
+    SECONDS,
+    parse_seconds,
+    split_own_options,
+)
 from dbtvenv.redact import redact
 
 
@@ -37,27 +46,7 @@ if TYPE_CHECKING:
 else:
     commands = _LazyModule("dbtvenv.commands")
 
-DBT_COMMANDS = [
-    "build",
-    "run",
-    "test",
-    "seed",
-    "snapshot",
-    "ls",
-    "list",
-    "run-operation",
-    "clone",
-    "compile",
-    "debug",
-    "deps",
-    "parse",
-    "show",
-    "retry",
-    "clean",
-]
-DBT_SUBCOMMANDS = {"docs": ("generate", "serve"), "source": ("freshness",)}
-
-EXAMPLE_REQUIREMENTS = "--requirements 'dbt-core~=1.11.0' --requirements 'dbt-duckdb~=1.11.0'"
+COMPLETE_VAR = "_DBTVENV_COMPLETE"
 
 
 if TYPE_CHECKING:
@@ -74,113 +63,42 @@ class Seconds(_FloatParamType):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            seconds = math.nan
-        if not math.isfinite(seconds) or seconds < 0:
+        seconds = parse_seconds(value)
+        if seconds is None:
             self.fail(f"{value!r} is not a number of seconds (0 or more), such as 300", param, ctx)
         return seconds
 
 
-SECONDS = Seconds()
+SECONDS_TYPE = Seconds()
+
+
+_COMPLETE_PATHS = {"DIR": "dir", "PATH": "file"}
 
 
 def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The ENV OPTIONS of the contract, each also read from its DBTVENV_* variable."""
-    options = [
-        click.option(
-            "--requirements",
-            "requirements",
-            multiple=True,
-            metavar="SPEC",
-            envvar="DBTVENV_REQUIREMENTS",
-            show_envvar=True,
-            help="A PEP 508 requirement to install, e.g. 'dbt-postgres~=1.9.0'. Repeatable; "
-            "in the variable, separate them with whitespace.",
-        ),
-        click.option(
-            "--requirements-file",
-            "requirements_files",
-            multiple=True,
-            metavar="PATH",
-            envvar="DBTVENV_REQUIREMENTS_FILE",
-            show_envvar=True,
-            shell_complete=_complete_file,
-            help="A pip requirements file. Repeatable.",
-        ),
-        click.option(
-            "--constraints",
-            multiple=True,
-            metavar="PATH",
-            envvar="DBTVENV_CONSTRAINTS",
-            show_envvar=True,
-            shell_complete=_complete_file,
-            help="A pip constraints file, e.g. to pin protobuf<5 for an old dbt. Repeatable.",
-        ),
-        click.option(
-            "--venv-dir",
-            metavar="DIR",
-            envvar="DBTVENV_VENV_DIR",
-            show_envvar=True,
-            shell_complete=_complete_dir,
-            help="Persistent mode: a cache root holding one env per spec, shared by runs and "
-            "processes, e.g. ~/.cache/dbtvenv. Without it the env is temporary.",
-        ),
-        click.option(
-            "--temporary",
-            is_flag=True,
-            envvar="DBTVENV_TEMPORARY",
-            show_envvar=True,
-            help="Build a throw-away env even if a venv dir is set.",
-        ),
-        click.option(
-            "--pip-install-options",
-            metavar="OPTS",
-            envvar="DBTVENV_PIP_INSTALL_OPTIONS",
-            show_envvar=True,
-            help="Extra 'pip install' arguments, split like a shell would, e.g. "
-            "'--index-url https://pypi.example.com/simple'.",
-        ),
-        click.option(
-            "--python",
-            metavar="PATH",
-            envvar="DBTVENV_PYTHON",
-            show_envvar=True,
-            help="Base interpreter of the env (default: the one dbtvenv runs on), e.g. python3.11.",
-        ),
-        click.option(
-            "--system-site-packages",
-            is_flag=True,
-            envvar="DBTVENV_SYSTEM_SITE_PACKAGES",
-            show_envvar=True,
-            help="Give the env the base interpreter's site-packages.",
-        ),
-        click.option(
-            "--lock-timeout",
-            type=SECONDS,
-            default=120.0,
-            show_default=True,
-            metavar="SECONDS",
-            envvar="DBTVENV_LOCK_TIMEOUT",
-            show_envvar=True,
-            help="Longest wait for an env lock held by another process; then exit 75.",
-        ),
-        click.option(
-            "--installer",
-            type=click.Choice(["pip", "uv"]),
-            default="pip",
-            show_default=True,
-            envvar="DBTVENV_INSTALLER",
-            show_envvar=True,
-            help="What fills the env: pip, or uv (several times faster; "
-            "pip install 'dbtvenv[uv]').",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    """The ENV OPTIONS of the contract (`options.ENV_OPTIONS`), each also from its variable."""
+    for option in reversed(ENV_OPTIONS):
+        settings: dict[str, Any] = {
+            "envvar": option.envvar,
+            "show_envvar": True,
+            "help": option.help,
+        }
+        if option.kind == FLAG:
+            settings["is_flag"] = True
+        else:
+            settings["metavar"] = option.metavar or None
+            settings["default"] = option.default
+        if option.kind == MULTIPLE:
+            settings["multiple"] = True
+            settings["default"] = None
+        elif option.kind == SECONDS:
+            settings.update(type=SECONDS_TYPE, show_default=True)
+        elif option.kind == CHOICE:
+            settings.update(type=click.Choice(option.choices), show_default=True)
+        completes = _COMPLETE_PATHS.get(option.metavar)
+        if completes is not None and option.flag != "--python":
+            settings["shell_complete"] = _complete_dir if completes == "dir" else _complete_file
+        func = click.option(option.flag, option.dest, **settings)(func)
     return func
 
 
@@ -199,33 +117,11 @@ def _env_options(params: dict[str, Any]) -> commands.EnvOptions:
     )
 
 
-def split_own_options(
-    args: Sequence[str], params: Sequence[click.Parameter]
-) -> tuple[list[str], list[str]]:
-    """Split argv into dbtvenv's options and dbt's arguments, exactly as the contract says."""
-    takes_value: dict[str, bool] = {}
-    for param in params:
-        if isinstance(param, click.Option):
-            for name in (*param.opts, *param.secondary_opts):
-                takes_value[name] = not (param.is_flag or param.count)
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if token == "--":
-            return list(args[:i]), list(args[i + 1 :])
-        name = token.split("=", 1)[0] if token.startswith("--") else token
-        if name not in takes_value:
-            break
-        i += 2 if takes_value[name] and "=" not in token else 1
-    i = min(i, len(args))
-    return list(args[:i]), list(args[i:])
-
-
 class PassThroughCommand(click.Command):
     """A dbt command: dbtvenv's options first, then dbt's arguments, untouched."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        own, dbt_args = split_own_options(args, self.get_params(ctx))
+        own, dbt_args = split_own_options(args)
         ctx.meta["dbtvenv.dbt_args"] = dbt_args
         return super().parse_args(ctx, own)
 
@@ -543,7 +439,7 @@ def env_list(venv_dir: str | None, as_json: bool) -> int:
 @click.option("--force", is_flag=True, help="Remove envs even while dbt runs in them.")
 @click.option(
     "--lock-timeout",
-    type=SECONDS,
+    type=SECONDS_TYPE,
     default=120.0,
     metavar="SECONDS",
     envvar="DBTVENV_LOCK_TIMEOUT",
@@ -657,57 +553,31 @@ def completion_script(shell: str) -> str:
 
     completion_class = get_completion_class(shell)
     assert completion_class is not None
-    return completion_class(cli, {}, "dbtvenv", "_DBTVENV_COMPLETE").source()
+    return completion_class(cli, {}, "dbtvenv", COMPLETE_VAR).source()
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
+def run(args: Sequence[str]) -> int:
+    """Parse `args` with Click and run the command; Click's own outcomes become exit statuses.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The error boundary: every outcome becomes one exit status, never a traceback."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise_interrupted)
-    args = list(sys.argv[1:] if argv is None else argv)
+    dbtvenv's errors propagate to the boundary in `dbtvenv.main`.
+    """
+    if COMPLETE_VAR in os.environ:  # a shell asks for completions: Click answers and exits
+        cli.main(args=list(args), prog_name="dbtvenv", complete_var=COMPLETE_VAR)
+    # Not `cli.main()`: that turns a broken pipe into exit 1 even outside standalone mode.
     try:
-        result = cli.main(args=args, prog_name="dbtvenv", standalone_mode=False)
-    except click.exceptions.Abort:  # Click's translation of KeyboardInterrupt
-        _error("interrupted before dbt started")
-        return EX_SIGNAL_BASE + signal.SIGINT
+        with cli.make_context("dbtvenv", list(args)) as ctx:
+            result = cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.exceptions.Abort:
+        raise KeyboardInterrupt from None
     except click.UsageError as exc:
-        _error(usage_message(exc))
+        commands.echo_error(redact(usage_message(exc)))
         return EX_USAGE
     except click.ClickException as exc:
-        _error(exc.format_message())
+        commands.echo_error(redact(exc.format_message()))
         return EX_USAGE
-    except DbtvenvError as exc:
-        _error(exc.message, exc.details)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _error("interrupted before dbt started")
-        return EX_SIGNAL_BASE + signal.SIGINT
-    except BrokenPipeError:
-        return EX_SIGNAL_BASE + signal.SIGPIPE
-    except Exception as exc:  # a bug: one line for the user, the traceback only on request
-        import os
-        import traceback
-
-        if os.environ.get("DBTVENV_DEBUG"):
-            traceback.print_exc()
-        _error(
-            f"internal error: {type(exc).__name__}: {exc}; set DBTVENV_DEBUG=1 for the traceback "
-            "and please report it"
-        )
-        return EX_SOFTWARE
-    if isinstance(result, int):
-        return result
-    return 0
-
-
-def _error(message: str, details: Sequence[str] = ()) -> None:
-    """The one `dbtvenv: error:` line (and pip's or uv's last lines), credentials hidden."""
-    commands.echo_error(redact(message), [redact(line) for line in details])
+    return result if isinstance(result, int) else 0
 
 
 def usage_message(exc: click.UsageError) -> str:

@@ -12,20 +12,17 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from dbtvenv import provision, store
-from dbtvenv.errors import EX_NOT_FOUND, DbtvenvError, EnvNotFound, UsageError
-from dbtvenv.lock import lock_lease, read_lock
+from dbtvenv.errors import EX_NOT_FOUND, DbtvenvError, EnvBusy, EnvNotFound, UsageError
 from dbtvenv.progress import Reporter, make_reporter
-from dbtvenv.settings import DEFAULT_KILL_GRACE, Settings, env_seconds
+from dbtvenv.settings import DEFAULT_KILL_GRACE, Settings, env_seconds, lock_lease
 from dbtvenv.spec import EnvSpec, resolve_spec
 
 
-@dataclass(frozen=True)
-class EnvOptions:
+class EnvOptions(NamedTuple):
     """The ENV OPTIONS of the contract, as the user gave them."""
 
     requirements: Sequence[str] = ()
@@ -83,7 +80,10 @@ def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
             with store.mark_in_use(env_dir) as usable:
                 if usable:
                     return run_in_env(env_dir, dbt_args, kill_grace=settings.kill_grace)
-        raise UsageError(f"env {env_dir} keeps being removed while starting; is a gc running?")
+        raise EnvBusy(
+            f"env {env_dir} was removed three times while dbt was starting in it; is an "
+            "'env gc' or 'env rm' running? Try again later"
+        )
     finally:
         reporter.close()
 
@@ -113,6 +113,7 @@ def env_path(options: EnvOptions) -> int:
 def env_info(options: EnvOptions, *, as_json: bool) -> int:
     root = options.cache_root("env info")
     key = options.spec().key
+    store.check_readable_root(root)
     entry = store.describe_env(root, key)
     if entry.manifest is None:
         state = (
@@ -188,8 +189,7 @@ def _when(timestamp: float | None) -> str:
     return "-" if timestamp is None else f"{store.iso(timestamp)} ({ago(timestamp)})"
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     header: str
     style: str = ""  # rich style on a terminal
     drop: int = 0  # on a terminal too narrow for the table: dropped in this order (0: never)
@@ -396,6 +396,8 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
     root = options.cache_root("lock status")
     key = options.spec().key
     path = provision.lock_path(root, key)
+    from dbtvenv.lock import read_lock
+
     state = read_lock(path, lease=lock_lease())
     status = "free" if state is None else ("stale" if state.stale_reason else "held")
     if as_json:
@@ -418,7 +420,9 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
         else:
             rows.append(("state", "held"))
         holder = state.holder
-        if holder is None:
+        if state.unreadable_by is not None:
+            rows.append(("holder", f"unknown: {state.describe()}"))
+        elif holder is None:
             rows.append(("holder", f"unknown (the file cannot be parsed; {ago(state.mtime)})"))
         else:
             since = store.parse_iso(holder.acquired_at)

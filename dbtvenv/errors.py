@@ -44,11 +44,17 @@ class VenvDirError(DbtvenvError):
     exit_code = EX_CANTCREAT
 
 
-class LockTimeout(DbtvenvError):
+class EnvBusy(DbtvenvError):
+    """Something another process does right now is in the way: try again later."""
+
     exit_code = EX_TEMPFAIL
 
 
-class LockLost(DbtvenvError):
+class LockTimeout(EnvBusy):
+    pass
+
+
+class LockLost(EnvBusy):
     """Another process took over the lock of an env this one was building.
 
     The half-built env is theirs now: it must not be removed or marked complete by us.

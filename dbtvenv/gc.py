@@ -6,20 +6,20 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from dbtvenv import provision, store
 from dbtvenv.errors import LockTimeout
-from dbtvenv.lock import EnvLock, lock_lease, read_lock
+from dbtvenv.lock import EnvLock, read_lock
 from dbtvenv.progress import Reporter
+from dbtvenv.settings import lock_lease
 
 # A writer's temporary file this old belongs to a writer that died.
 ORPHAN_TMP_AGE = 3600.0
 
 
-@dataclass(frozen=True)
-class Collected:
+class Collected(NamedTuple):
     """One thing gc removed (or, in a dry run, would remove)."""
 
     path: Path
@@ -61,19 +61,26 @@ def _envs(root: Path, cutoff: float, dry_run: bool, reporter: Reporter) -> list[
             reporter.info(f"keeping env {key}: dbt is running in it")
             continue
         size = store.dir_size(env_dir)
-        if not dry_run and not _remove_locked(root, key, reporter):
+        if not dry_run and not _remove_locked(root, key, cutoff, reporter):
             continue
         found.append(Collected(env_dir, size, why))
     return found
 
 
-def _remove_locked(root: Path, key: str, reporter: Reporter) -> bool:
-    """Remove one env under its lock, unless somebody uses or builds it right now."""
+def _remove_locked(root: Path, key: str, cutoff: float, reporter: Reporter) -> bool:
+    """Remove one env under its lock, unless somebody uses or builds it right now.
+
+    Checked again under the lock: a build may have finished, or a run started, since the scan.
+    """
     lock = EnvLock(
         provision.lock_path(root, key), timeout=0, lease=lock_lease(), on_wait=reporter.info
     )
     try:
         with lock:
+            entry = store.describe_env(root, key, with_size=False)
+            if entry.complete and (entry.last_used or 0.0) >= cutoff:
+                reporter.info(f"keeping env {key}: it was built or used just now")
+                return False
             store.remove_env(root / key)
     except LockTimeout:
         reporter.info(f"keeping env {key}: another process holds its lock")
@@ -90,13 +97,14 @@ def _stale_locks(root: Path, dry_run: bool) -> list[Collected]:
         state = read_lock(path, lease=lock_lease())
         if state is None or state.stale_reason is None:
             continue
+        size = _file_size(path)
         if not dry_run:
             # Taking a stale lock over and releasing it removes it, race-free.
             try:
                 EnvLock(path, timeout=0, lease=lock_lease()).__enter__().release()
             except LockTimeout:
                 continue  # a live process took it over meanwhile
-        found.append(Collected(path, _file_size(path), f"stale lock: {state.stale_reason}"))
+        found.append(Collected(path, size, f"stale lock: {state.stale_reason}"))
     return found
 
 

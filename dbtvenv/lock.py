@@ -19,18 +19,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from dbtvenv import procs
 from dbtvenv.errors import LockLost, LockTimeout, VenvDirError
 from dbtvenv.redact import redact_all
 
 UNPARSEABLE_GRACE = 10.0
-DEFAULT_LEASE = 60.0
 POLL_INTERVAL = 1.0
 # The guard is held for milliseconds: even a caller that will not wait (timeout 0) waits
 # this long for it, so that a neighbour's check is not mistaken for a held lock.
@@ -40,8 +38,7 @@ RELEASE_GUARD_WAIT = 10.0
 MAX_LOCK_BYTES = 1 << 16
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     pid: int
     create_time: float
     hostname: str
@@ -97,25 +94,24 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-@dataclass(frozen=True)
-class LockState:
-    """What a lock file says right now; `holder` is None when it cannot be parsed."""
+class LockState(NamedTuple):
+    """What a lock file says right now; `holder` is None when it cannot be parsed or read."""
 
     path: Path
     holder: Holder | None
     mtime: float
     stale_reason: str | None
+    unreadable_by: int | None = None  # the owner's uid, when we may not read the file
 
     def describe(self) -> str:
+        if self.unreadable_by is not None:
+            return (
+                f"a lock file this user may not read (owned by uid {self.unreadable_by}; "
+                "remove it if no build of that user is running)"
+            )
         if self.holder is None:
             return "an unparseable lock file"
         return self.holder.describe()
-
-
-def lock_lease() -> float:
-    from dbtvenv.settings import env_seconds
-
-    return env_seconds("DBTVENV_LOCK_LEASE", DEFAULT_LEASE, minimum=1.0)
 
 
 def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockState | None:
@@ -128,6 +124,23 @@ def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockStat
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise VenvDirError(
+            f"venv dir {path.parent} exists and is not a directory; choose another --venv-dir"
+        ) from None
+    except PermissionError:
+        # Another user's lock that we may not read: its holder may well be alive. Never
+        # taken over (two builds of one env), only reported.
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise VenvDirError(
+                f"cannot reach the lock {path}: {exc.strerror}; check the permissions of the "
+                "venv dir, or choose another --venv-dir"
+            ) from None
+        return LockState(path, None, st.st_mtime, None, unreadable_by=st.st_uid)
     except OSError:  # ELOOP: a symlink where the lock should be: treat as unparseable
         try:
             mtime = os.lstat(path).st_mtime

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -40,8 +40,7 @@ def become_subreaper() -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-@dataclass(frozen=True)
-class ProcessIdentity:
+class ProcessIdentity(NamedTuple):
     pid: int
     create_time: float
     hostname: str
@@ -111,8 +110,7 @@ def child_environment(remove: Sequence[str] = (), **updates: str) -> dict[str, s
     return env
 
 
-@dataclass(frozen=True)
-class Captured:
+class Captured(NamedTuple):
     returncode: int
     tail: tuple[str, ...]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dbtvenv.redact import redact
@@ -24,7 +23,7 @@ class Reporter:
         self.stream = stream if stream is not None else sys.stderr
 
     def _emit(self, message: str) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stream.write(f"{stamp} dbtvenv: {redact(message)}\n")
         self.stream.flush()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbtvenv import procs, store
-from dbtvenv.errors import LockTimeout
+from dbtvenv.errors import EnvBusy, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.settings import Settings
 from dbtvenv.spec import EnvSpec
@@ -77,7 +77,7 @@ def _discard(env_dir: Path, reason: str) -> None:
     try:
         store.remove_env(env_dir, force=not complete)
     except store.EnvInUse:
-        raise LockTimeout(
+        raise EnvBusy(
             f"env {env_dir.name} must be rebuilt ({reason}), but a dbt is still running in it; "
             "try again once it has finished"
         ) from None
@@ -118,17 +118,31 @@ def temporary_env(spec: EnvSpec, settings: Settings, reporter: Reporter) -> Iter
     """
     import tempfile
 
-    base = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    try:
+        base = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    except OSError as exc:
+        raise _no_temporary_dir(exc) from None
     try:
         me = procs.own_identity()
         owner = {"pid": me.pid, "create_time": me.create_time, "hostname": me.hostname}
-        (base / TEMP_OWNER).write_text(json.dumps(owner) + "\n")
+        try:
+            (base / TEMP_OWNER).write_text(json.dumps(owner) + "\n")
+        except OSError as exc:
+            raise _no_temporary_dir(exc, base.parent) from None
         env_dir = base / TEMP_ENV
         reporter.info("building a temporary env")
         _build(env_dir, spec, settings, reporter)
         yield env_dir
     finally:
         _remove_uninterrupted(base)
+
+
+def _no_temporary_dir(exc: OSError, where: Path | None = None) -> VenvDirError:
+    place = f" in {where}" if where is not None else ""
+    return VenvDirError(
+        f"cannot create a temporary env{place}: {exc.strerror or exc}; set TMPDIR to a "
+        "writable dir with free space, or keep envs in a cache dir (--venv-dir DIR)"
+    )
 
 
 def _remove_uninterrupted(path: Path) -> None:

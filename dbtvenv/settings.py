@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dbtvenv.errors import UsageError
+from dbtvenv.options import DEFAULT_LOCK_TIMEOUT
 
-INSTALLERS = ("pip", "uv")
-DEFAULT_LOCK_TIMEOUT = 120.0
 DEFAULT_KILL_GRACE = 30.0
+DEFAULT_LOCK_LEASE = 60.0
 
 
 def env_seconds(name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -30,9 +30,13 @@ def env_seconds(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
-@dataclass(frozen=True)
-class Settings:
+def lock_lease() -> float:
+    """DBTVENV_LOCK_LEASE: how long another host's lock stays fresh without a refresh."""
+    return env_seconds("DBTVENV_LOCK_LEASE", DEFAULT_LOCK_LEASE, minimum=1.0)
+
+
+class Settings(NamedTuple):
     installer: str = "pip"
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-    lock_lease: float = 60.0
+    lock_lease: float = DEFAULT_LOCK_LEASE
     kill_grace: float = DEFAULT_KILL_GRACE

@@ -2,44 +2,50 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dbtvenv.errors import UsageError
 from dbtvenv.redact import redact, redact_all
+
+try:  # CPython's own SHA-256: `hashlib` would load OpenSSL first, milliseconds on every run
+    from _sha256 import sha256  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # Python 3.12+ (`_sha2`), or another implementation
+    from hashlib import sha256
+
+
+def hex_digest(data: bytes) -> str:
+    """SHA-256 of `data`, in hex."""
+    digest: str = sha256(data).hexdigest()
+    return digest
+
 
 # Bump when the layout of an env or the meaning of the key changes.
 KEY_FORMAT = 1
 KEY_LENGTH = 16
 
 
-@dataclass(frozen=True)
-class Interpreter:
+class Interpreter(NamedTuple):
     executable: str
     version: str
     implementation: str
 
 
-@dataclass(frozen=True)
-class InputFile:
+class InputFile(NamedTuple):
     """A requirements or constraints file: its path (for pip), its bytes' digest (for the key)."""
 
     path: Path
     sha256: str
 
 
-@dataclass(frozen=True)
-class EnvSpec:
+class EnvSpec(NamedTuple):
     requirements: tuple[str, ...]
     requirements_files: tuple[InputFile, ...]
     constraints_files: tuple[InputFile, ...]
@@ -59,7 +65,7 @@ class EnvSpec:
             "system_site_packages": self.system_site_packages,
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
+        return hex_digest(blob)[:KEY_LENGTH]
 
     def describe(self) -> dict[str, Any]:
         """The spec as the manifest and `env info` show it, credentials hidden."""
@@ -205,7 +211,7 @@ def _input_file(path: str, kind: str) -> InputFile:
             f"cannot read {kind} file {path!r}: {exc.strerror}; make it readable for this user "
             f"or {given}"
         ) from None
-    return InputFile(path=p, sha256=hashlib.sha256(data).hexdigest())
+    return InputFile(path=p, sha256=hex_digest(data))
 
 
 # Runs on any Python, even 2.7, so that one too old is told so (`-I` is 3.4+: `-E -s` and no
@@ -214,7 +220,7 @@ _PROBE = (
     "import sys; del sys.path[0]; import json, platform; "
     "impl = getattr(sys, 'implementation', None); "
     "print(json.dumps([impl.name if impl else platform.python_implementation().lower(), "
-    "platform.python_version(), sys.version_info >= (3, 8)]))"
+    "sys.version.split()[0], sys.version_info >= (3, 8)]))"
 )
 
 
@@ -223,7 +229,8 @@ def find_interpreter(python: str | None) -> Interpreter:
     if python is None:
         # The interpreter below dbtvenv's own venv, if any: the env must not depend on that venv.
         base = getattr(sys, "_base_executable", None) or sys.executable
-        return Interpreter(base, platform.python_version(), sys.implementation.name)
+        # As the probe reads it, so that naming this interpreter with --python gives one key.
+        return Interpreter(base, sys.version.split()[0], sys.implementation.name)
     import shutil
 
     found = shutil.which(python) if os.sep not in python else python

@@ -9,10 +9,8 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dbtvenv.errors import DbtvenvError, VenvDirError
 
@@ -59,6 +57,16 @@ def check_not_foreign_symlink(root: Path) -> None:
         ) from None
     except OSError:
         pass  # not a directory: open_cache_root says so
+
+
+def check_readable_root(root: Path) -> None:
+    """For the commands that only read the cache: a venv dir that is no directory is an error
+    (73), one that does not exist yet is merely empty."""
+    check_not_foreign_symlink(root)
+    if os.path.lexists(root) and not root.is_dir():
+        raise VenvDirError(
+            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
+        )
 
 
 def open_cache_root(venv_dir: Path) -> Path:
@@ -172,7 +180,10 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             yield (env_dir / MANIFEST).is_file()
             return
-        raise
+        raise VenvDirError(
+            f"cannot mark env {env_dir} in use: {exc.strerror or exc}; free some space on "
+            "the venv dir's file system ('dbtvenv env gc' removes unused envs), then retry"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         # A remover may have taken the env away between our check and our mark (and another
@@ -294,8 +305,7 @@ def dir_size(path: Path) -> int:
     return total
 
 
-@dataclass(frozen=True)
-class EnvEntry:
+class EnvEntry(NamedTuple):
     """One env of a cache dir as `env list` and `env info` show it."""
 
     key: str
@@ -387,12 +397,16 @@ def iso(timestamp: float | None) -> str | None:
     """A time as ISO 8601 in UTC, to the second: `2026-11-24T15:00:00+00:00`."""
     if timestamp is None:
         return None
+    from datetime import datetime, timezone
+
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 def parse_iso(text: object) -> float | None:
     if not isinstance(text, str):
         return None
+    from datetime import datetime, timezone
+
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

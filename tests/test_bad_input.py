@@ -410,17 +410,43 @@ def test_requirements_without_dbt_temporary(
     assert_clean_failure(result, EX_UNAVAILABLE, says=("no dbt executable",), tmpdir=tmpdir)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["env", "prepare"], ["env", "info"], ["lock", "status"], ["env", "list"]],
+    ids=" ".join,
+)
 def test_venv_dir_is_a_file(
-    dbtvenv: RunDbtvenv, tmp_path: Path, tmpdir_env: tuple[Path, dict[str, str]]
+    dbtvenv: RunDbtvenv,
+    tmp_path: Path,
+    tmpdir_env: tuple[Path, dict[str, str]],
+    command: list[str],
 ) -> None:
     tmpdir, env = tmpdir_env
     a_file = tmp_path / "cache"
     a_file.write_text("not a dir\n")
-    result = dbtvenv(
-        "run", "--requirements", "dbt-standin", "--venv-dir", a_file, env=env, cwd=tmp_path
-    )
+    spec = [] if command == ["env", "list"] else ["--requirements", "dbt-standin"]
+    result = dbtvenv(*command, *spec, "--venv-dir", a_file, env=env, cwd=tmp_path)
     assert_clean_failure(result, EX_CANTCREAT, says=(str(a_file), "not a directory"), tmpdir=tmpdir)
     assert a_file.read_text() == "not a dir\n"
+
+
+def test_no_room_for_a_temporary_env(
+    dbtvenv: RunDbtvenv, tmp_path: Path, pip_offline_options: str
+) -> None:
+    """A TMPDIR whose file system has room for the env's dir but for nothing in it."""
+    with small_tmpfs(tmp_path / "small", "64k", inodes=2) as small:
+        result = dbtvenv(
+            "run",
+            "--requirements",
+            "dbt-standin==1.0.0",
+            "--pip-install-options",
+            pip_offline_options,
+            env={"TMPDIR": str(small)},
+            cwd=tmp_path,
+        )
+        assert_clean_failure(
+            result, EX_CANTCREAT, says=("temporary env", "TMPDIR", "--venv-dir"), tmpdir=small
+        )
 
 
 def test_venv_dir_below_a_file(
@@ -505,13 +531,15 @@ def test_venv_dir_not_writable(
 
 
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` at `path`: a file system that fills up for real."""
+def small_tmpfs(path: Path, size: str, *, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of `size` (and `inodes` files, its root included) at `path`: a file system
+    that fills up for real."""
     path.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs to fill up needs root and mount(8)")
+    limits = f"size={size},mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", limits, "tmpfs", str(path)],
         capture_output=True,
         timeout=60,
     )

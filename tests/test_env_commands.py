@@ -405,3 +405,29 @@ def test_rm_all_unknown_keys_and_usage(
     assert env_list(dbtvenv, cache_dir) == []
     again = dbtvenv("env", "rm", "--venv-dir", cache_dir, "--all")
     assert again.returncode == 0 and again.stdout == b"" and "no envs in" in again.err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["env", "path", "--requirements", "dbt-x"], ["env", "list", "--json"], ["--help"]],
+    ids=lambda words: " ".join(words[:2]),
+)
+def test_a_reader_that_has_gone_is_sigpipe_not_an_error(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, tmp_path: Path, command: list[str]
+) -> None:
+    """`dbtvenv env list --json | head -c 10`: exit 141 as any Unix tool, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before dbtvenv writes a byte
+    try:
+        done = subprocess.run(
+            [*dbtvenv_cmd, *command],
+            env=make_env({"DBTVENV_VENV_DIR": str(tmp_path / "cache")}),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE, done
+    assert done.stderr == b"", done

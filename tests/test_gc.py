@@ -246,3 +246,23 @@ def test_gc_rejects_a_bad_duration(
     assert result.returncode == 64, result
     assert result.stdout == b""
     assert result.err.startswith(f"dbtvenv: error: --older-than {bad!r} is not a duration")
+
+
+def test_gc_checks_again_under_the_lock(
+    dbtvenv: RunDbtvenv, cache_dir: Path, standin_env: dict[str, str]
+) -> None:
+    """What gc found old may have been rebuilt or used since its scan: under the env's lock
+    it looks again, and keeps an env that is fresh by then."""
+    from dbtvenv import gc as collector
+    from dbtvenv.progress import Reporter
+
+    env_dir = prepare(dbtvenv, cache_dir, standin_env, "dbt-standin==1.0.0")
+    scanned_at = time.time()
+    set_last_use(env_dir, scanned_at - 40 * DAY)  # what the scan saw: 40 days unused
+    cutoff = scanned_at - 30 * DAY
+    set_last_use(env_dir, scanned_at)  # then a run used it, before gc took the lock
+    assert not collector._remove_locked(cache_dir, env_dir.name, cutoff, Reporter())
+    assert (env_dir / "dbtvenv.json").is_file()
+    set_last_use(env_dir, scanned_at - 40 * DAY)
+    assert collector._remove_locked(cache_dir, env_dir.name, cutoff, Reporter())
+    assert not env_dir.exists()

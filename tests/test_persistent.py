@@ -475,3 +475,26 @@ def test_interpreter_our_pip_does_not_support_gets_its_own_pip(
     assert manifest["python"]["version"] == version
     names = {d["name"].lower() for d in manifest["distributions"]}
     assert "pip" in names and "dbt-standin" in {n.replace("_", "-") for n in names}
+
+
+def test_pip_settings_cannot_send_the_env_elsewhere(
+    dbtvenv: RunDbtvenv, tmp_path: Path, standin_env: dict[str, str]
+) -> None:
+    """Airflow's images set PIP_USER; a pip config may say `user = true` or name a target.
+    None of it may put dbt outside the env (least of all into Airflow's own user site)."""
+    config = tmp_path / "pip.conf"
+    config.write_text("[install]\nuser = true\n")
+    elsewhere = {name: tmp_path / name.lower() for name in ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT")}
+    env = {
+        **standin_env,
+        "DBTVENV_VENV_DIR": str(tmp_path / "cache"),
+        "PIP_USER": "1",
+        "PIP_CONFIG_FILE": str(config),
+        "HOME": str(tmp_path / "home"),
+        **{name: str(path) for name, path in elsewhere.items()},
+    }
+    result = dbtvenv("run", "--", "report", env=env)
+    assert result.returncode == 0, result
+    assert prefix(result).parent == tmp_path / "cache"
+    assert not any(path.exists() for path in elsewhere.values())
+    assert not (tmp_path / "home" / ".local").exists()  # the user site pip would have used

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -282,3 +285,70 @@ def test_environment_is_never_printed(
     for path in cache.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".lock", ".TAG", ".use"):
             assert SECRET not in path.read_text(errors="replace"), path
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A dir that `nobody` may enter without any capability (pytest's own temp dir is private
+    to root), removed afterwards."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="dbtvenv-test-shared."))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_another_users_unreadable_lock_is_waited_for_never_taken_over(
+    make_env: MakeEnv, standin_env: dict[str, str], shared_dir: Path
+) -> None:
+    """A group-shared cache where the holder's umask is 077: its lock cannot be read, so its
+    holder may be alive, however old the file looks; taking it over would build the env twice."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running as another user needs root and setpriv")
+    cache = shared_dir / "cache"
+    cache.mkdir()
+    os.chown(cache, NOBODY, NOBODY)
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    environ = make_env({**standin_env, "DBTVENV_VENV_DIR": str(cache), "HOME": "/"})
+    environ.pop("TMPDIR", None)
+
+    def run(*args: str) -> Result:
+        done = subprocess.run(
+            [*as_nobody, sys.executable, "-m", "dbtvenv", *args],
+            env=environ,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+        )
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = {
+        "pid": dead.pid,  # readable, this lock would be stale twice over
+        "create_time": 1.0,
+        "hostname": socket.gethostname(),
+        "acquired_at": "2026-11-24T15:00:00+00:00",
+        "argv": ["dbtvenv", "run"],
+    }
+    # The key as `nobody` computes it: its interpreter may be another one than ours.
+    found = run("env", "path")
+    assert found.returncode == 0, found
+    env_dir = Path(found.out.strip())
+    lock = env_dir.with_name(env_dir.name + ".lock")
+    lock.write_text(json.dumps(holder) + "\n")
+    lock.chmod(0o600)
+    past = time.time() - 3600
+    os.utime(lock, (past, past))
+    status = run("lock", "status")
+    assert status.returncode == 0, status
+    assert "held" in status.out and "may not read" in status.out, status
+    result = run("env", "prepare", "--lock-timeout", "2")
+    assert result.returncode == 75, result
+    assert "may not read" in result.err and "uid 0" in result.err, result
+    assert json.loads(lock.read_text()) == holder
+    assert not env_dir.exists()

@@ -27,7 +27,7 @@ except BuildError:  # pragma: no cover - the dev extra brings uv
 STANDIN = "dbt-standin==1.0.0"
 # dbtvenv with the `uv` package hidden, exactly as if `dbtvenv[uv]` had not been installed.
 WITHOUT_UV_MODULE = (
-    "import sys; sys.modules['uv'] = None; from dbtvenv.cli import main; sys.exit(main())"
+    "import sys; sys.modules['uv'] = None; from dbtvenv.main import main; sys.exit(main())"
 )
 
 

@@ -1,0 +1,74 @@
+"""The entry point and error boundary: every outcome becomes one exit status, never a traceback.
+
+A plain dbt command line goes straight to the core (`options.parse_dbt_invocation`); every
+other one, and any dbt command line it is not sure of, goes through Click (`cli.py`). Click is
+not imported on the first path: starting dbt in a complete env is what schedulers do hundreds
+of times an hour.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from dbtvenv.errors import EX_SIGNAL_BASE, EX_SOFTWARE, DbtvenvError, Interrupted
+from dbtvenv.options import parse_dbt_invocation
+from dbtvenv.redact import redact
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupted)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(args)
+    except DbtvenvError as exc:
+        _error(exc.message, exc.details)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted before dbt started")
+        return EX_SIGNAL_BASE + signal.SIGINT
+    except BrokenPipeError:
+        # Whoever read our stdout has gone (`dbtvenv env list | head -1`): exit as a program
+        # killed by SIGPIPE would, without a second error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EX_SIGNAL_BASE + signal.SIGPIPE
+    except Exception as exc:  # a bug: one line for the user, the traceback only on request
+        if os.environ.get("DBTVENV_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        _error(
+            f"internal error: {type(exc).__name__}: {exc}; set DBTVENV_DEBUG=1 for the traceback "
+            "and please report it"
+        )
+        return EX_SOFTWARE
+
+
+def _dispatch(args: list[str]) -> int:
+    parsed = parse_dbt_invocation(args, os.environ)
+    if parsed is not None:
+        from dbtvenv import commands
+
+        params, dbt_args = parsed
+        return commands.run_dbt(commands.EnvOptions(**params), dbt_args)  # type: ignore[arg-type]
+    from dbtvenv import cli
+
+    return cli.run(args)
+
+
+def _error(message: str, details: Sequence[str] = ()) -> None:
+    """The one `dbtvenv: error:` line (and pip's or uv's last lines), credentials hidden."""
+    from dbtvenv.commands import echo_error
+
+    echo_error(redact(message), [redact(line) for line in details])
