@@ -18,6 +18,7 @@ from dbtvenv import __version__
 from dbtvenv.errors import EX_USAGE
 from dbtvenv.options import (
     CHOICE,
+    COMPLETE_VAR,
     DBT_COMMANDS,
     DBT_SUBCOMMANDS,
     ENV_OPTIONS,
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     from dbtvenv import commands
 else:
     commands = _LazyModule("dbtvenv.commands")
-
-COMPLETE_VAR = "_DBTVENV_COMPLETE"
 
 
 if TYPE_CHECKING:
@@ -561,7 +560,7 @@ def run(args: Sequence[str]) -> int:
 
     dbtvenv's errors propagate to the boundary in `dbtvenv.main`.
     """
-    if COMPLETE_VAR in os.environ:  # a shell asks for completions: Click answers and exits
+    if os.environ.get(COMPLETE_VAR):  # a shell asks for completions: Click answers and exits
         cli.main(args=list(args), prog_name="dbtvenv", complete_var=COMPLETE_VAR)
     # Not `cli.main()`: that turns a broken pipe into exit 1 even outside standalone mode.
     try:

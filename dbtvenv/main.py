@@ -8,6 +8,7 @@ of times an hour.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -39,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Whoever read our stdout has gone (`dbtvenv env list | head -1`): exit as a program
         # killed by SIGPIPE would, without a second error when Python flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        if sys.stdout is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return EX_SIGNAL_BASE + signal.SIGPIPE
     except Exception as exc:  # a bug: one line for the user, the traceback only on request
         if os.environ.get("DBTVENV_DEBUG", "") not in ("", "0"):
@@ -68,7 +70,11 @@ def _dispatch(args: list[str]) -> int:
 
 
 def _error(message: str, details: Sequence[str] = ()) -> None:
-    """The one `dbtvenv: error:` line (and pip's or uv's last lines), credentials hidden."""
+    """The one `dbtvenv: error:` line (and pip's or uv's last lines), credentials hidden.
+
+    Where stderr cannot be written (its reader has gone too), the exit status still tells.
+    """
     from dbtvenv.commands import echo_error
 
-    echo_error(redact(message), [redact(line) for line in details])
+    with contextlib.suppress(OSError, ValueError):
+        echo_error(redact(message), [redact(line) for line in details])

@@ -34,6 +34,9 @@ DBT_COMMANDS = (
 DBT_SUBCOMMANDS = {"docs": ("generate", "serve"), "source": ("freshness",)}
 VERBATIM_COMMAND = "dbt"  # `dbtvenv dbt -- ARGS`: dbt's whole command line, as given
 
+# Set by the completion scripts: then Click answers, whatever the command line.
+COMPLETE_VAR = "_DBTVENV_COMPLETE"
+
 INSTALLERS = ("pip", "uv")
 DEFAULT_LOCK_TIMEOUT = 120.0
 
@@ -229,10 +232,10 @@ def parse_dbt_invocation(
     command line, else its variable, else its default) and the whole argv for dbt.
 
     None whenever Click must see the line: not a dbt command, `--help`, a missing or bad
-    value, a flag given a value, an unusual variable.
+    value, a flag given a value, an unusual variable, a shell asking for completions.
     """
     found = dbt_command_words(args)
-    if found is None:
+    if found is None or environ.get(COMPLETE_VAR):
         return None
     words, taken = found
     own, dbt_args = split_own_options(args[taken:])

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import click
 import pytest
+from conftest import RunDbtvenv
 
 from dbtvenv import cli, commands, options
 
@@ -177,3 +179,17 @@ def test_other_lines_are_left_to_click(args: list[str]) -> None:
 def test_a_bad_variable_is_left_to_click_which_names_it() -> None:
     assert options.parse_dbt_invocation(["run"], {"DBTVENV_LOCK_TIMEOUT": "soon"}) is None
     assert options.parse_dbt_invocation(["run"], {"DBTVENV_TEMPORARY": "maybe"}) is None
+
+
+def test_a_shell_asking_for_completions_is_left_to_click() -> None:
+    assert options.parse_dbt_invocation(["run"], {"_DBTVENV_COMPLETE": "bash_complete"}) is None
+
+
+def test_an_empty_completion_variable_changes_nothing(dbtvenv: RunDbtvenv, tmp_path: Path) -> None:
+    """Click answers completions only when the variable is set to something."""
+    for env in ({}, {"_DBTVENV_COMPLETE": ""}):
+        usage = dbtvenv("run", "--lock-timeout", "soon", env=env)
+        assert usage.returncode == 64, usage
+        assert usage.err.startswith("dbtvenv: error:"), usage
+        missing = dbtvenv("env", "rm", "--venv-dir", tmp_path, "0123456789abcdef", env=env)
+        assert missing.returncode == 1, missing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -498,3 +499,50 @@ def test_pip_settings_cannot_send_the_env_elsewhere(
     assert prefix(result).parent == tmp_path / "cache"
     assert not any(path.exists() for path in elsewhere.values())
     assert not (tmp_path / "home" / ".local").exists()  # the user site pip would have used
+
+
+@pytest.fixture
+def read_only_view(base: Path, tmp_path: Path) -> Iterator[Path]:
+    """The module's cache dir, bind-mounted read-only, as envs baked into an image are often
+    mounted (a Kubernetes volume, an image layer owned by another user)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    view = tmp_path / "read-only"
+    view.mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(base.parent), str(view)],
+        capture_output=True,
+        timeout=60,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        probe = view / "probe"
+        with pytest.raises(OSError):
+            probe.touch()
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True, timeout=60)
+
+
+def test_a_read_only_cache_is_used_as_it_is(
+    dbtvenv: RunDbtvenv, base: Path, read_only_view: Path, pip_offline_options: str
+) -> None:
+    result = dbtvenv(
+        "run",
+        "--requirements",
+        "dbt-standin==1.0.0",
+        "--pip-install-options",
+        pip_offline_options,
+        "--venv-dir",
+        read_only_view,
+        "--",
+        "report",
+    )
+    assert result.returncode == 0, result
+    # (Its scripts still name the interpreter where the env was built: venvs do not move.)
+    assert result.json()["env"]["VIRTUAL_ENV"] == str(read_only_view / base.name)
+    assert not built(result) and result.err == "", result
+    listed = dbtvenv("env", "list", "--venv-dir", read_only_view, "--json")
+    assert listed.returncode == 0, listed
+    assert [row["key"] for row in json.loads(listed.stdout)] == [base.name]
