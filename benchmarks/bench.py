@@ -656,7 +656,8 @@ class Bench:
         self.results.add(
             Row(
                 "e",
-                "dbtvenv modules imported by `dbtvenv --help` besides main, cli, options, errors, redact",
+                "dbtvenv modules imported by `dbtvenv --help` "
+                "besides main, cli, options, errors, redact",
                 self.counts.importtime,
                 ", ".join(core_in_help) or "none",
                 "-",

@@ -286,6 +286,13 @@ def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Pat
             f"{what} found no distribution for {redact(missing.group(1))}: check the "
             "requirement's name and version, and the index in --pip-install-options"
         )
+    if "dbt-core-experimental-parser" in text or "dbt_core_experimental_parser" in text:
+        return (
+            f"{what} could not install dbt-core-experimental-parser, which the newest dbt-core "
+            "pulls in and which downloads a binary from outside the package registry at "
+            "install time; pin a dbt-core line that installs from the registry alone, e.g. "
+            "--requirements 'dbt-core~=1.11.0'"
+        )
     if "No space left on device" in text:
         return (
             f"{what} ran out of disk space building the env in {where}: free space on that "

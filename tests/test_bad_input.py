@@ -337,6 +337,65 @@ def test_no_such_distribution_offline(
     assert "No matching distribution found for dbt-no-such-adapter==9.9.9" in after
 
 
+def _sdist_that_downloads(wheelhouse: Path) -> None:
+    """`dbt-core-experimental-parser` as the newest dbt-core pulls it in: an sdist whose build
+    downloads a binary from outside the package registry (which fails behind a registry-only
+    proxy, as here)."""
+    import io
+    import tarfile
+
+    name = "dbt_core_experimental_parser-2.0.8"
+    files = {
+        "pyproject.toml": "[build-system]\nrequires = []\nbuild-backend = 'backend'\n"
+        "backend-path = ['.']\n\n[project]\nname = 'dbt-core-experimental-parser'\n"
+        "version = '2.0.8'\n",
+        "backend.py": "def _fail(*args, **kwargs):\n"
+        "    raise RuntimeError('failed to download https://github.invalid/parser.whl: "
+        "<urlopen error [Errno -2] Name or service not known>')\n"
+        "build_wheel = prepare_metadata_for_build_wheel = build_sdist = _fail\n",
+        "PKG-INFO": "Metadata-Version: 2.1\nName: dbt-core-experimental-parser\nVersion: 2.0.8\n",
+    }
+    with tarfile.open(wheelhouse / f"{name}.tar.gz", "w:gz") as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}/{path}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_dbt_core_that_downloads_from_outside_the_registry_is_explained(
+    dbtvenv: RunDbtvenv, tmp_path: Path, tmpdir_env: tuple[Path, dict[str, str]]
+) -> None:
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    _sdist_that_downloads(wheelhouse)
+    tmpdir, env = tmpdir_env
+    cache = tmp_path / "cache"
+    result = dbtvenv(
+        "run",
+        "--requirements",
+        "dbt-core-experimental-parser",
+        "--pip-install-options",
+        f"--no-index --find-links {wheelhouse}",
+        "--venv-dir",
+        cache,
+        env=env,
+        cwd=tmp_path,
+    )
+    # pip's last lines, which follow the error line, hold the build backend's own traceback:
+    # that part is pip's to show; dbtvenv's part is the one line before it.
+    ours, pips = result.err.split("dbtvenv: error: ", 1)
+    error, _, pip_lines = pips.partition("\n")
+    assert_clean_failure(
+        Result(result.returncode, result.stdout, f"{ours}dbtvenv: error: {error}\n".encode()),
+        EX_UNAVAILABLE,
+        says=("outside the package registry", "dbt-core~=1.11.0"),
+        tmpdir=tmpdir,
+        cache=cache,
+    )
+    assert "failed to download" in pip_lines
+
+
 def test_pip_option_pip_rejects(
     dbtvenv: RunDbtvenv,
     tmp_path: Path,
