@@ -71,9 +71,6 @@ class Seconds(_FloatParamType):
 SECONDS_TYPE = Seconds()
 
 
-_COMPLETE_PATHS = {"DIR": "dir", "PATH": "file"}
-
-
 def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The ENV OPTIONS of the contract (`options.ENV_OPTIONS`), each also from its variable."""
     for option in reversed(ENV_OPTIONS):
@@ -94,26 +91,14 @@ def env_options(func: Callable[..., Any]) -> Callable[..., Any]:
             settings.update(type=SECONDS_TYPE, show_default=True)
         elif option.kind == CHOICE:
             settings.update(type=click.Choice(option.choices), show_default=True)
-        completes = _COMPLETE_PATHS.get(option.metavar)
-        if completes is not None and option.flag != "--python":
-            settings["shell_complete"] = _complete_dir if completes == "dir" else _complete_file
+        if option.completes:
+            settings["shell_complete"] = _COMPLETERS[option.completes]
         func = click.option(option.flag, option.dest, **settings)(func)
     return func
 
 
 def _env_options(params: dict[str, Any]) -> commands.EnvOptions:
-    return commands.EnvOptions(
-        requirements=params.pop("requirements"),
-        requirements_files=params.pop("requirements_files"),
-        constraints=params.pop("constraints"),
-        venv_dir=params.pop("venv_dir"),
-        temporary=params.pop("temporary"),
-        pip_install_options=params.pop("pip_install_options"),
-        python=params.pop("python"),
-        system_site_packages=params.pop("system_site_packages"),
-        lock_timeout=params.pop("lock_timeout"),
-        installer=params.pop("installer"),
-    )
+    return commands.EnvOptions(**{option.dest: params.pop(option.dest) for option in ENV_OPTIONS})
 
 
 class PassThroughCommand(click.Command):
@@ -213,6 +198,9 @@ def _complete_file(ctx: click.Context, param: click.Parameter, incomplete: str) 
     from click.shell_completion import CompletionItem
 
     return [CompletionItem(incomplete, type="file")]
+
+
+_COMPLETERS = {"dir": _complete_dir, "file": _complete_file}
 
 
 def _complete_env_key(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:

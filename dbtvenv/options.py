@@ -57,6 +57,7 @@ class EnvOption(NamedTuple):
     help: str
     default: object = None
     choices: tuple[str, ...] = ()
+    completes: str = ""  # what a shell completes its value with: "dir", "file" or nothing
 
 
 ENV_OPTIONS = (
@@ -78,6 +79,7 @@ ENV_OPTIONS = (
         "PATH",
         "A pip requirements file. Repeatable.",
         (),
+        completes="file",
     ),
     EnvOption(
         "--constraints",
@@ -87,6 +89,7 @@ ENV_OPTIONS = (
         "PATH",
         "A pip constraints file, e.g. to pin protobuf<5 for an old dbt. Repeatable.",
         (),
+        completes="file",
     ),
     EnvOption(
         "--venv-dir",
@@ -96,6 +99,7 @@ ENV_OPTIONS = (
         "DIR",
         "Persistent mode: a cache root holding one env per spec, shared by runs and "
         "processes, e.g. ~/.cache/dbtvenv. Without it the env is temporary.",
+        completes="dir",
     ),
     EnvOption(
         "--temporary",
