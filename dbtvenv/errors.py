@@ -43,6 +43,10 @@ class VenvDirError(DbtvenvError):
 
     exit_code = EX_CANTCREAT
 
+    @classmethod
+    def not_a_directory(cls, venv_dir: object) -> VenvDirError:
+        return cls(f"venv dir {venv_dir} exists and is not a directory; choose another --venv-dir")
+
 
 class EnvBusy(DbtvenvError):
     """Something another process does right now is in the way: try again later."""

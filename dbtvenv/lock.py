@@ -125,9 +125,7 @@ def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockStat
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise VenvDirError(
-            f"venv dir {path.parent} exists and is not a directory; choose another --venv-dir"
-        ) from None
+        raise VenvDirError.not_a_directory(path.parent) from None
     except PermissionError:
         # Another user's lock that we may not read: its holder may well be alive. Never
         # taken over (two builds of one env), only reported.

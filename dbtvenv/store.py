@@ -64,9 +64,7 @@ def check_readable_root(root: Path) -> None:
     (73), one that does not exist yet is merely empty."""
     check_not_foreign_symlink(root)
     if os.path.lexists(root) and not root.is_dir():
-        raise VenvDirError(
-            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
-        )
+        raise VenvDirError.not_a_directory(root)
 
 
 def open_cache_root(venv_dir: Path) -> Path:
@@ -76,18 +74,14 @@ def open_cache_root(venv_dir: Path) -> Path:
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
-        raise VenvDirError(
-            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
-        ) from None
+        raise VenvDirError.not_a_directory(root) from None
     except OSError as exc:
         raise VenvDirError(
             f"cannot create venv dir {root}: {exc.strerror}; check the path and the "
             "permissions of the dirs above it, or choose another --venv-dir"
         ) from None
     if not root.is_dir():
-        raise VenvDirError(
-            f"venv dir {root} exists and is not a directory; choose another --venv-dir"
-        )
+        raise VenvDirError.not_a_directory(root)
     tag = root / "CACHEDIR.TAG"
     try:
         if not tag.exists():
@@ -280,7 +274,7 @@ def env_keys(root: Path) -> list[str]:
     except FileNotFoundError:
         return []
     except NotADirectoryError:
-        raise VenvDirError(f"venv dir {root} exists and is not a directory") from None
+        raise VenvDirError.not_a_directory(root) from None
     except OSError as exc:
         raise VenvDirError(
             f"cannot read venv dir {root}: {exc.strerror}; fix its permissions"
