@@ -11,13 +11,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import MakeEnv, Result, RunDbtvenv
+from lockfaults import dead_pid, plant_lock
 from procs import assert_no_survivors, kill_quietly
 from test_env_commands import env_list, long_run, prepare, set_last_use, wait_for_dbt
 
@@ -51,23 +51,6 @@ def report(result: Result) -> dict[str, tuple[str, str]]:
     return found
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def plant_lock(path: Path, pid: int, create_time: float, hostname: str | None = None) -> None:
-    holder = {
-        "pid": pid,
-        "create_time": create_time,
-        "hostname": hostname or socket.gethostname(),
-        "acquired_at": "2026-01-01T00:00:00+00:00",
-        "argv": ["dbtvenv", "env", "prepare"],
-    }
-    path.write_text(json.dumps(holder) + "\n")
-
-
 def test_gc_removes_old_and_incomplete_envs_stale_locks_and_trash(
     dbtvenv: RunDbtvenv,
     cache_dir: Path,
@@ -88,9 +71,9 @@ def test_gc_removes_old_and_incomplete_envs_stale_locks_and_trash(
     # A build in progress: incomplete, and its lock names a live process (this one).
     (building / "bin").mkdir(parents=True)
     me = psutil.Process()
-    plant_lock(cache_dir / f"{building.name}.lock", me.pid, me.create_time())
+    plant_lock(cache_dir / f"{building.name}.lock", pid=me.pid, create_time=me.create_time())
     stale = cache_dir / "00000000000000bb.lock"
-    plant_lock(stale, dead_pid(), time.time() - 5)
+    plant_lock(stale, pid=dead_pid(), create_time=time.time() - 5)
     (cache_dir / ".trash" / "0000000000000cc-1234").mkdir(parents=True)
     (cache_dir / ".trash" / "0000000000000cc-1234" / "f").write_bytes(b"x" * 10000)
     before = sorted(p.name for p in cache_dir.iterdir())
