@@ -173,9 +173,7 @@ def parse_seconds(text: object) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def split_own_options(
-    args: Sequence[str], takes_value: Mapping[str, bool] = OWN_OPTIONS_TAKE_VALUE
-) -> tuple[list[str], list[str]]:
+def split_own_options(args: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split a dbt command's arguments into dbtvenv's options and dbt's, as the contract says:
     the first token that is not one of dbtvenv's options, or a literal `--`, ends them."""
     i = 0
@@ -184,9 +182,9 @@ def split_own_options(
         if token == "--":
             return list(args[:i]), list(args[i + 1 :])
         name = token.split("=", 1)[0] if token.startswith("--") else token
-        if name not in takes_value:
+        if name not in OWN_OPTIONS_TAKE_VALUE:
             break
-        i += 2 if takes_value[name] and "=" not in token else 1
+        i += 2 if OWN_OPTIONS_TAKE_VALUE[name] and "=" not in token else 1
     i = min(i, len(args))
     return list(args[:i]), list(args[i:])
 
