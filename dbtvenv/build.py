@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtvenv import __version__, procs
+from dbtvenv.compat import repairs
 from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.redact import redact, redact_all
@@ -220,6 +221,23 @@ def build_env(
                 "adapter or dbt-core; add one, e.g. --requirements 'dbt-postgres~=1.9.0'"
             )
         distributions = _list_distributions(env_python, env)
+        fixes = repairs(distributions)
+        if fixes:
+            for fix in fixes:
+                reporter.info(f"installing {fix.requirement}: {fix.reason}")
+            repaired = spec._replace(
+                requirements=(*spec.requirements, *(fix.requirement for fix in fixes))
+            )
+            _run(
+                install_command(installer, env_python, repaired),
+                env,
+                reporter,
+                on_tick,
+                tick,
+                what=installer,
+                where=env_dir.parent,
+            )
+            distributions = _list_distributions(env_python, env)
         manifest = {
             "format": 1,
             "dbtvenv_version": __version__,
@@ -231,6 +249,7 @@ def build_env(
                 "implementation": spec.python.implementation,
             },
             "installer": installer,
+            "repairs": [fix.requirement for fix in fixes],
             "distributions": [{"name": n, "version": v} for n, v in distributions],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.monotonic() - started, 2),
