@@ -31,7 +31,8 @@ KNOWN = (
         "5",
         "protobuf<5",
         "its logging calls protobuf's MessageToJson with an argument protobuf 5 removed, so "
-        "every dbt command crashes; later 1.7 releases pin protobuf<5 themselves",
+        "dbt crashes at its first log event (parse, run, build, ...); later 1.7 releases pin "
+        "protobuf<5 themselves",
     ),
 )
 
