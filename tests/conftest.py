@@ -6,13 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import pytest
 from standin import build_wheelhouse
+
+if TYPE_CHECKING:  # lockfaults itself imports this module
+    from lockfaults import WheelServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,6 +116,35 @@ def _base_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DBTVENV_")}
 
 
+def prepare_standin_env(cache: Path, wheelhouse: Path, pythonpath: str | None) -> Path:
+    """`dbtvenv env prepare` of dbt-standin==1.0.0 into `cache`, for a module-wide fixture
+    (which cannot use the function-scoped `dbtvenv`); returns the env's path."""
+    environ = _base_environ()
+    if pythonpath is not None:
+        environ["PYTHONPATH"] = pythonpath
+    spec = ["--requirements", "dbt-standin==1.0.0"]
+    offline = ["--pip-install-options", f"--no-index --find-links {wheelhouse}"]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dbtvenv",
+            "env",
+            "prepare",
+            *spec,
+            *offline,
+            "--venv-dir",
+            str(cache),
+        ],
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()
+    return Path(completed.stdout.decode().strip())
+
+
 @pytest.fixture
 def make_env(_dbtvenv_pythonpath: str | None) -> MakeEnv:
     """Build the environment for a dbtvenv child: ``os.environ`` without ``DBTVENV_*``,
@@ -163,3 +195,19 @@ def dbtvenv(dbtvenv_cmd: list[str], make_env: MakeEnv) -> RunDbtvenv:
         return Result(completed.returncode, completed.stdout, completed.stderr)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def wheel_server(wheelhouse: Path) -> Iterator[WheelServer]:
+    """The wheelhouse served on 127.0.0.1, counting downloads and able to stall them."""
+    from lockfaults import WheelServer
+
+    with WheelServer(wheelhouse) as running:
+        yield running
+
+
+@pytest.fixture
+def wheels(wheel_server: WheelServer) -> Iterator[WheelServer]:
+    wheel_server.reset()
+    yield wheel_server
+    wheel_server.release()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ from pathlib import Path
 import click
 import psutil
 import pytest
-from conftest import Result, RunDbtvenv
+from conftest import Result, RunDbtvenv, prepare_standin_env
 
 # The contract's list, written out here so the CLI is checked against it, not against itself.
 DBT_COMMANDS = [
@@ -84,40 +83,14 @@ AWKWARD = [
 ]
 
 
-def _base_environ(pythonpath: str | None) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DBTVENV_")}
-    if pythonpath is not None:
-        environ["PYTHONPATH"] = pythonpath
-    return environ
-
-
 @pytest.fixture(scope="module")
 def built_cache(
     tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, _dbtvenv_pythonpath: str | None
-) -> Iterator[Path]:
+) -> Path:
     """A cache dir holding the env for dbt-standin==1.0.0, built once for this module."""
     cache = tmp_path_factory.mktemp("cli") / "cache"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dbtvenv",
-            "env",
-            "prepare",
-            "--requirements",
-            "dbt-standin==1.0.0",
-            "--pip-install-options",
-            f"--no-index --find-links {wheelhouse}",
-            "--venv-dir",
-            str(cache),
-        ],
-        env=_base_environ(_dbtvenv_pythonpath),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr.decode()
-    yield cache
+    prepare_standin_env(cache, wheelhouse, _dbtvenv_pythonpath)
+    return cache
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -22,19 +21,6 @@ from lockfaults import Background, WheelServer, dead_pid, plant_lock, wait_until
 from procs import assert_no_survivors, wait_for_pidfile
 
 OTHER_HOST = "dbtvenv-other-host"
-
-
-@pytest.fixture(scope="module")
-def server(wheelhouse: Path) -> Iterator[WheelServer]:
-    with WheelServer(wheelhouse) as running:
-        yield running
-
-
-@pytest.fixture
-def wheels(server: WheelServer) -> Iterator[WheelServer]:
-    server.reset()
-    yield server
-    server.release()
 
 
 def _spec(cache: Path, pip_options: str, **extra: str) -> dict[str, str]:

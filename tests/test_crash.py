@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,19 +25,6 @@ from standin import write_wheel
 BULKY_MODULES = 2500
 # The run after a kill takes the dead run's lock over at once; it must not pass by waiting.
 LOCK_TIMEOUT = {"DBTVENV_LOCK_TIMEOUT": "30"}
-
-
-@pytest.fixture(scope="module")
-def server(wheelhouse: Path) -> Iterator[WheelServer]:
-    with WheelServer(wheelhouse) as running:
-        yield running
-
-
-@pytest.fixture
-def wheels(server: WheelServer) -> Iterator[WheelServer]:
-    server.reset()
-    yield server
-    server.release()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import MakeEnv, Result, RunDbtvenv
+from conftest import MakeEnv, Result, RunDbtvenv, prepare_standin_env
 
 CACHEDIR_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
 
@@ -46,42 +46,15 @@ class Snapshot:
         )
 
 
-def _base_environ(pythonpath: str | None) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DBTVENV_")}
-    if pythonpath is not None:
-        environ["PYTHONPATH"] = pythonpath
-    return environ
-
-
 @pytest.fixture(scope="module")
 def base(
     tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, _dbtvenv_pythonpath: str | None
-) -> Iterator[Path]:
-    """An env for dbt-standin==1.0.0, built once for this module; yields its path."""
+) -> Path:
+    """An env for dbt-standin==1.0.0, built once for this module; its path."""
     cache = tmp_path_factory.mktemp("persistent") / "cache"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dbtvenv",
-            "env",
-            "prepare",
-            "--requirements",
-            "dbt-standin==1.0.0",
-            "--pip-install-options",
-            f"--no-index --find-links {wheelhouse}",
-            "--venv-dir",
-            str(cache),
-        ],
-        env=_base_environ(_dbtvenv_pythonpath),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr.decode()
-    env_dir = Path(completed.stdout.decode().strip())
+    env_dir = prepare_standin_env(cache, wheelhouse, _dbtvenv_pythonpath)
     assert env_dir.parent == cache
-    yield env_dir
+    return env_dir
 
 
 def built(result: Result) -> bool:
