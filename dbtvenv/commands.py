@@ -142,6 +142,7 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
             f"(base interpreter {python.get('executable', '?')})",
         ),
         ("installer", str(manifest.get("installer", "-"))),
+        ("repairs", " ".join(manifest.get("repairs") or []) or "-"),
         ("dbt-core", entry.version_of("dbt-core") or "-"),
         ("adapters", _versions(entry.adapters)),
         ("created", _when(entry.created)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -137,6 +138,9 @@ def test_dbt_postgres_1_7_runs_as_the_readme_promises(
     )
     assert counted.returncode == 0, counted.stderr
     assert counted.stdout.strip() == "3"
+    info = dbtvenv("env", "info", "--venv-dir", cache, "--requirements", "dbt-postgres==1.7")
+    assert info.returncode == 0, info
+    assert re.search(r"^repairs\s+protobuf<5$", info.out, re.MULTILINE), info
 
     again = dbtvenv(
         "run",
