@@ -444,26 +444,28 @@ class TerminalJob:
         os.close(self.master)
 
 
+def _dbt_in_the_foreground(
+    spawner: Spawner, environ: dict[str, str], **standin: str
+) -> tuple[TerminalJob, int, int]:
+    """`dbtvenv run` at a terminal, its stand-in dbt told `standin`; returns once dbt runs and
+    holds the terminal's foreground: the job, dbtvenv's pid and dbt's."""
+    pidfile = spawner.pidfile("dbt.pid")
+    job = TerminalJob(spawner, ["run"], {**environ, **standin, "STANDIN_PIDFILE": str(pidfile)})
+    dbtvenv_pid = job.wait_for_event("started")["job"]
+    dbt_pid = wait_for_pidfile(pidfile)
+    job.wait_for_foreground(dbt_pid)
+    return job, dbtvenv_pid, dbt_pid
+
+
 def test_ctrl_c_at_a_terminal_reaches_dbt_once(
     spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
 ) -> None:
     """dbt runs in the terminal's foreground; the Ctrl-C reaches it straight from the terminal,
     and dbtvenv gives the foreground back to its own group when dbt has exited."""
     signals_file = tmp_path / "signals"
-    pidfile = spawner.pidfile("dbt.pid")
-    job = TerminalJob(
-        spawner,
-        ["run"],
-        {
-            **persistent_env,
-            "STANDIN_SIGNALS_FILE": str(signals_file),
-            "STANDIN_PIDFILE": str(pidfile),
-            "STANDIN_SLEEP": LONG_SLEEP,
-        },
+    job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
+        spawner, persistent_env, STANDIN_SIGNALS_FILE=str(signals_file), STANDIN_SLEEP=LONG_SLEEP
     )
-    dbtvenv_pid = job.wait_for_event("started")["job"]
-    dbt_pid = wait_for_pidfile(pidfile)
-    job.wait_for_foreground(dbt_pid)
     job.type(b"\x03")
     exited = job.wait_for_event("exited")
     job.close()
@@ -477,21 +479,13 @@ def test_ctrl_c_at_a_terminal_is_not_passed_on_again(
 ) -> None:
     """A dbt that ignores SIGINT records every copy it gets: the terminal's is the only one."""
     signals_file = tmp_path / "signals"
-    pidfile = spawner.pidfile("dbt.pid")
-    job = TerminalJob(
+    job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
         spawner,
-        ["run"],
-        {
-            **persistent_env,
-            "STANDIN_SIGNALS_FILE": str(signals_file),
-            "STANDIN_IGNORE_SIGINT": "1",
-            "STANDIN_PIDFILE": str(pidfile),
-            "STANDIN_SLEEP": LONG_SLEEP,
-        },
+        persistent_env,
+        STANDIN_SIGNALS_FILE=str(signals_file),
+        STANDIN_IGNORE_SIGINT="1",
+        STANDIN_SLEEP=LONG_SLEEP,
     )
-    dbtvenv_pid = job.wait_for_event("started")["job"]
-    dbt_pid = wait_for_pidfile(pidfile)
-    job.wait_for_foreground(dbt_pid)
     job.type(b"\x03")
     assert wait_for_lines(signals_file, 1) == ["SIGINT"]
     os.kill(dbtvenv_pid, signal.SIGTERM)
@@ -506,15 +500,9 @@ def test_dbt_reads_the_terminal(
     spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
 ) -> None:
     """dbt can ask questions (`dbt init`): a background group reading its terminal would stop."""
-    pidfile = spawner.pidfile("dbt.pid")
-    job = TerminalJob(
-        spawner,
-        ["run"],
-        {**persistent_env, "STANDIN_READ_STDIN": "1", "STANDIN_PIDFILE": str(pidfile)},
+    job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
+        spawner, persistent_env, STANDIN_READ_STDIN="1"
     )
-    dbtvenv_pid = job.wait_for_event("started")["job"]
-    dbt_pid = wait_for_pidfile(pidfile)
-    job.wait_for_foreground(dbt_pid)
     job.type(b"my answer\n\x04")
     exited = job.wait_for_event("exited")
     job.close()
@@ -535,20 +523,9 @@ def test_ctrl_z_at_a_terminal_stops_the_job(
     """Ctrl-Z stops dbt; dbtvenv follows it, so the shell sees its job stopped (rather than
     waiting forever on a dbtvenv that still runs), and `fg` continues dbt at the terminal."""
     signals_file = tmp_path / "signals"
-    pidfile = spawner.pidfile("dbt.pid")
-    job = TerminalJob(
-        spawner,
-        ["run"],
-        {
-            **persistent_env,
-            "STANDIN_SIGNALS_FILE": str(signals_file),
-            "STANDIN_PIDFILE": str(pidfile),
-            "STANDIN_SLEEP": LONG_SLEEP,
-        },
+    job, dbtvenv_pid, dbt_pid = _dbt_in_the_foreground(
+        spawner, persistent_env, STANDIN_SIGNALS_FILE=str(signals_file), STANDIN_SLEEP=LONG_SLEEP
     )
-    dbtvenv_pid = job.wait_for_event("started")["job"]
-    dbt_pid = wait_for_pidfile(pidfile)
-    job.wait_for_foreground(dbt_pid)
     job.type(b"\x1a")
     stopped = job.wait_for_event("stopped")
     assert stopped["signal"] == signal.SIGTSTP
