@@ -49,6 +49,22 @@ def _start(
     return Background([*dbtvenv_cmd, *args], env, tmp_path / "runs", name)
 
 
+def _start_sleeping_dbt(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, spec: dict[str, str], tmp_path: Path
+) -> Background:
+    """A `dbtvenv run` of `spec` whose dbt sleeps for a minute; returns once dbt runs (the env
+    is built by then)."""
+    pidfile = tmp_path / "dbt.pid"
+    long_run = {**spec, "STANDIN_SLEEP": "60", "STANDIN_PIDFILE": str(pidfile)}
+    first = _start(dbtvenv_cmd, ["run"], make_env(long_run), tmp_path, "first")
+    try:
+        wait_for_pidfile(pidfile, timeout=120)
+    except BaseException:
+        first.kill()
+        raise
+    return first
+
+
 def _kill_all(runs: list[Background]) -> None:
     for run in runs:
         run.kill()
@@ -227,11 +243,8 @@ def test_the_lock_is_released_before_dbt_starts(
 ) -> None:
     spec = {**standin_env, "DBTVENV_VENV_DIR": str(tmp_path / "cache")}
     env_dir = _env_dir(dbtvenv, spec)
-    pidfile = tmp_path / "dbt.pid"
-    long_run = {**spec, "STANDIN_SLEEP": "60", "STANDIN_PIDFILE": str(pidfile)}
-    first = _start(dbtvenv_cmd, ["run"], make_env(long_run), tmp_path, "first")
+    first = _start_sleeping_dbt(dbtvenv_cmd, make_env, spec, tmp_path)
     try:
-        wait_for_pidfile(pidfile, timeout=120)  # the env is built and dbt runs in it
         assert "building env" in first.stderr()
         assert not _lock_of(env_dir).exists()
         status = dbtvenv("lock", "status", "--json", env=spec)
@@ -295,11 +308,8 @@ def test_a_broken_env_is_not_rebuilt_under_a_running_dbt(
 ) -> None:
     spec = {**standin_env, "DBTVENV_VENV_DIR": str(tmp_path / "cache")}
     env_dir = _env_dir(dbtvenv, spec)
-    pidfile = tmp_path / "dbt.pid"
-    long_run = {**spec, "STANDIN_SLEEP": "60", "STANDIN_PIDFILE": str(pidfile)}
-    first = _start(dbtvenv_cmd, ["run"], make_env(long_run), tmp_path, "first")
+    first = _start_sleeping_dbt(dbtvenv_cmd, make_env, spec, tmp_path)
     try:
-        wait_for_pidfile(pidfile, timeout=120)
         (env_dir / "bin" / "dbt").unlink()  # broken while a dbt runs in it
         refused = dbtvenv("run", env=spec)
         assert refused.returncode == 75, str(refused)
