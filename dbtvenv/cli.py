@@ -44,8 +44,10 @@ class _LazyModule:
 
 if TYPE_CHECKING:
     from dbtvenv import commands
+    from dbtvenv import shim as shim_module
 else:
     commands = _LazyModule("dbtvenv.commands")
+    shim_module = _LazyModule("dbtvenv.shim")
 
 
 if TYPE_CHECKING:
@@ -142,7 +144,7 @@ class SectionedGroup(DbtCommandGroup):
     """Lists dbt's commands apart from dbtvenv's own in --help."""
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        own = {"dbt", "env", "lock", "completion"}
+        own = {"dbt", "env", "lock", "shim", "completion"}
         sections: dict[str, list[tuple[str, str]]] = {"dbtvenv commands": [], "dbt commands": []}
         for name in self.list_commands(ctx):
             command = self.get_command(ctx, name)
@@ -230,6 +232,7 @@ def cli() -> None:
       dbtvenv dbt [ENV OPTIONS] [--] DBT ARGS...
       dbtvenv env prepare|path|info|list|rm|gc [OPTIONS]
       dbtvenv lock status [ENV OPTIONS]
+      dbtvenv shim [ENV OPTIONS] --output PATH
       dbtvenv completion bash|zsh|fish
 
     Without --venv-dir the env is temporary: built for this one run and removed after it.
@@ -516,6 +519,45 @@ def lock_status(as_json: bool, **params: Any) -> int:
         --requirements 'dbt-duckdb~=1.11.0'
     """
     return commands.lock_status(_env_options(params), as_json=as_json)
+
+
+@cli.command("shim")
+@env_options
+@click.option(
+    "--output",
+    metavar="PATH",
+    shell_complete=_complete_file,
+    help="Where to write the shim (replaced atomically if it exists).",
+)
+@click.option("--print", "show", is_flag=True, help="Print the shim on stdout.")
+def shim(output: str | None, show: bool, **params: Any) -> int:
+    """Write an executable that is the env's dbt.
+
+    The shim runs 'dbtvenv dbt [ENV OPTIONS] -- ARGS' for any ARGS, with the ENV OPTIONS
+    given here (on the command line or by their variables) fixed in it, paths made absolute.
+    It behaves as the env's dbt: arguments, streams, signals and exit status pass straight
+    through. Give its path to whatever runs dbt, such as Cosmos's
+    ExecutionConfig(dbt_executable_path=...). Where it runs, no variable changes its env
+    (DBTVENV_REQUIREMENTS and the like are ignored); DBTVENV_LOCK_TIMEOUT,
+    DBTVENV_INSTALLER (unless given here), DBTVENV_KILL_GRACE and the like still apply.
+
+    It is a POSIX sh script that runs dbtvenv from the path dbtvenv has now, else from PATH.
+    Mode 0755 less the umask; 0700 if it holds a credential.
+
+    \b
+    Example:
+      dbtvenv shim --venv-dir /shared/dbtvenv \\
+        --requirements 'dbt-core~=1.11.0' --requirements 'dbt-postgres~=1.9.0' \\
+        --output /opt/airflow/bin/dbt-isolated
+    """
+    ctx = click.get_current_context()
+    given = {
+        name
+        for name in params
+        if ctx.get_parameter_source(name)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    return shim_module.write_shim(params, given, output, show)
 
 
 @cli.command("completion")

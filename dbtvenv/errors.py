@@ -48,6 +48,12 @@ class VenvDirError(DbtvenvError):
         return cls(f"venv dir {venv_dir} exists and is not a directory; choose another --venv-dir")
 
 
+class OutputFileError(DbtvenvError):
+    """A file dbtvenv was asked to write (`dbtvenv shim --output PATH`) cannot be written."""
+
+    exit_code = EX_CANTCREAT
+
+
 class EnvBusy(DbtvenvError):
     """Something another process does right now is in the way: try again later."""
 

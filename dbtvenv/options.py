@@ -47,6 +47,10 @@ FLAG = "flag"  # no value; its variable is a boolean (1, true, yes, on / 0, fals
 SECONDS = "seconds"
 CHOICE = "choice"
 
+# What a relative value of an option is relative to (`EnvOption.path`).
+CWD_PATH = "cwd"
+COMMAND = "command"
+
 
 class EnvOption(NamedTuple):
     flag: str
@@ -58,6 +62,13 @@ class EnvOption(NamedTuple):
     default: object = None
     choices: tuple[str, ...] = ()
     completes: str = ""  # what a shell completes its value with: "dir", "file" or nothing
+    # What a relative value means where dbtvenv records it for later use (`dbtvenv shim`):
+    # CWD_PATH, a path relative to the working directory; COMMAND, a path, or a bare name
+    # looked up on PATH whenever it is used.
+    path: str = ""
+    # Whether the option says which env dbt runs in (what it holds, where it lives), as
+    # opposed to how a run gets there: a shim fixes the env, so its variable is ignored there.
+    names_env: bool = True
 
 
 ENV_OPTIONS = (
@@ -80,6 +91,7 @@ ENV_OPTIONS = (
         "A pip requirements file. Repeatable.",
         (),
         completes="file",
+        path=CWD_PATH,
     ),
     EnvOption(
         "--constraints",
@@ -90,6 +102,7 @@ ENV_OPTIONS = (
         "A pip constraints file, e.g. to pin protobuf<5 for an old dbt. Repeatable.",
         (),
         completes="file",
+        path=CWD_PATH,
     ),
     EnvOption(
         "--venv-dir",
@@ -100,6 +113,7 @@ ENV_OPTIONS = (
         "Persistent mode: a cache root holding one env per spec, shared by runs and "
         "processes, e.g. ~/.cache/dbtvenv. Without it the env is temporary.",
         completes="dir",
+        path=CWD_PATH,
     ),
     EnvOption(
         "--temporary",
@@ -126,6 +140,7 @@ ENV_OPTIONS = (
         VALUE,
         "PATH",
         "Base interpreter of the env (default: the one dbtvenv runs on), e.g. python3.11.",
+        path=COMMAND,
     ),
     EnvOption(
         "--system-site-packages",
@@ -144,6 +159,7 @@ ENV_OPTIONS = (
         "SECONDS",
         "Longest wait for an env lock held by another process; then exit 75.",
         DEFAULT_LOCK_TIMEOUT,
+        names_env=False,
     ),
     EnvOption(
         "--installer",
@@ -154,6 +170,7 @@ ENV_OPTIONS = (
         "What fills the env: pip, or uv (several times faster; pip install 'dbtvenv[uv]').",
         "pip",
         INSTALLERS,
+        names_env=False,
     ),
 )
 _BY_FLAG = {option.flag: option for option in ENV_OPTIONS}
