@@ -51,7 +51,7 @@ from standin import build_wheelhouse  # noqa: E402
 REAL_REQUIREMENTS = ("dbt-core~=1.11.0", "dbt-duckdb~=1.11.0")
 STANDIN_REQUIREMENT = "dbt-standin==1.0.0"
 CONCURRENCY = 8
-HEAVY_MODULES = ("rich", "psutil", "filelock", "packaging", "pip", "uv", "importlib.metadata")
+HEAVY_MODULES = ("rich", "psutil", "packaging", "pip", "uv", "importlib.metadata")
 # What `dbtvenv --help` and `--version` need of dbtvenv: the CLI and two leaf modules.
 # The command line itself: entry point, Click tree, the option table, errors and redaction.
 CLI_MODULES = {

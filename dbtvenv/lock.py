@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
 import shlex
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from dbtvenv import procs
+from dbtvenv import procs, trust
 from dbtvenv.errors import LockLost, LockTimeout, VenvDirError
 from dbtvenv.redact import redact_all
 
@@ -35,7 +37,45 @@ POLL_INTERVAL = 1.0
 GUARD_MIN_WAIT = 1.0
 # How long a release waits for the guard before removing its own lock file without it.
 RELEASE_GUARD_WAIT = 10.0
+GUARD_POLL = 0.05
 MAX_LOCK_BYTES = 1 << 16
+
+
+class GuardTimeout(Exception):
+    """The guard stayed locked by another process for the whole wait."""
+
+
+@contextlib.contextmanager
+def hold_guard(path: Path, *, timeout: float) -> Iterator[None]:
+    """Hold the kernel lock (`flock`) on the guard file `path`, waiting up to `timeout`.
+
+    Opened by dbtvenv itself, never through a planted symbolic link, FIFO or device, nor a
+    file of a user it does not trust (`trust.open_regular`); nothing is truncated or
+    chmod-ed. A guard removed or replaced while we waited for it is opened again, so two
+    processes never hold two different files both called the guard.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = trust.open_regular(path, what="lock guard", create=True)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise GuardTimeout(str(path)) from None
+                    time.sleep(GUARD_POLL)
+            if trust.same_file(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)  # which releases the flock
 
 
 class Holder(NamedTuple):
@@ -147,9 +187,11 @@ def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockStat
         holder = None
     else:
         try:
-            mtime = os.fstat(fd).st_mtime
+            st = os.fstat(fd)
+            mtime = st.st_mtime
             try:
-                raw = os.read(fd, MAX_LOCK_BYTES)
+                # Never read from a FIFO or device planted in the lock's place
+                raw = os.read(fd, MAX_LOCK_BYTES) if stat.S_ISREG(st.st_mode) else b""
             except OSError:  # a directory, or worse, where the lock should be
                 raw = b""
         finally:
@@ -227,22 +269,20 @@ class EnvLock:
         return self.lease / 8
 
     def acquire(self) -> None:
-        from filelock import FileLock, Timeout
-
         identity = procs.own_identity()
         deadline = time.monotonic() + self.timeout
         told: Holder | str | None = "nobody"
         while True:
             remaining = deadline - time.monotonic()
             try:
-                with FileLock(self.guard_path, timeout=max(remaining, GUARD_MIN_WAIT), mode=0o644):
+                with hold_guard(self.guard_path, timeout=max(remaining, GUARD_MIN_WAIT)):
                     state = read_lock(self.path, lease=self.lease)
                     free = state is None or state.stale_reason is not None
                     if free and self._write(identity, replace=state is not None):
                         break
                     if state is None:  # created meanwhile by a process that ignored the guard
                         state = read_lock(self.path, lease=self.lease)
-            except Timeout:
+            except GuardTimeout:
                 state = read_lock(self.path, lease=self.lease)
             except OSError as exc:
                 raise VenvDirError(_cannot_lock(self.path, exc)) from None
@@ -321,6 +361,8 @@ class EnvLock:
                 return "its lock file was replaced by a symbolic link"
             raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "its lock file was replaced by something that is not a file"
             holder = Holder.parse(os.read(fd, MAX_LOCK_BYTES))
             if holder is None:
                 return "its lock file was replaced by an unparseable one"
@@ -380,14 +422,12 @@ class EnvLock:
         """Remove the lock file if it still names us; never someone else's."""
         if self._me is None:
             return
-        from filelock import FileLock, Timeout
-
         try:
             self._stop_refresher()
             try:
-                with FileLock(self.guard_path, timeout=RELEASE_GUARD_WAIT, mode=0o644):
+                with hold_guard(self.guard_path, timeout=RELEASE_GUARD_WAIT):
                     self._unlink_if_mine()
-            except Timeout:
+            except (GuardTimeout, trust.Untrusted):
                 self._unlink_if_mine()  # the guard is stuck: ours to remove all the same
         except OSError:
             with contextlib.suppress(OSError):

@@ -264,7 +264,7 @@ CONTENDER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
 
-    import filelock, psutil  # imported before the start: all contenders then race evenly
+    import psutil  # imported before the start: all contenders then race evenly
     from dbtvenv.lock import EnvLock
 
     lock = EnvLock(Path(sys.argv[1]), timeout=60, lease=60, poll_interval=0.05,
@@ -530,3 +530,48 @@ def test_a_holder_ended_by_sigterm_leaves_no_lock(tmp_path: Path, make_env: Make
         if proc.stdout is not None:
             proc.stdout.close()
     assert not path.exists()
+
+
+def test_a_guard_removed_while_waited_for_is_opened_again(tmp_path: Path) -> None:
+    """A waiter that gets the flock of a guard file somebody has meanwhile removed (and a
+    newcomer has made anew) must not take it for the guard: it opens the new one and waits
+    for whoever holds that, so that two processes never hold "the guard" at once."""
+    import fcntl
+    import threading
+
+    from dbtvenv.lock import GuardTimeout, hold_guard
+
+    guard = tmp_path / "k.lock.guard"
+    old = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(old, fcntl.LOCK_EX)
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        try:
+            with hold_guard(guard, timeout=3):
+                outcome.append("held")
+        except GuardTimeout:
+            outcome.append("timed out")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+
+    def open_count() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(1 for fd in fds if _readlink(f"/proc/self/fd/{fd}") == str(guard))
+
+    wait_until(lambda: open_count() == 2, "the waiter has the guard open", timeout=10)
+    os.unlink(guard)
+    new = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(new, fcntl.LOCK_EX)  # a newcomer holds the new guard
+    os.close(old)  # the waiter now gets the old file's flock
+    thread.join(timeout=30)
+    os.close(new)
+    assert outcome == ["timed out"]
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None

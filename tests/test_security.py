@@ -188,11 +188,14 @@ def test_lock_guard_symlink_is_never_followed(
     cache.mkdir(mode=0o700)
     key_dir = _key_dir(dbtvenv, cache, standin_env)
     _plant(cache / f"{key_dir.name}.lock.guard", victim)
+    victim.chmod(0o600)
     result = dbtvenv("run", "--venv-dir", cache, "--lock-timeout", "2", env=standin_env)
-    assert result.returncode in (73, 75), result
+    assert result.returncode == 73, result
     errors = [line for line in result.err.splitlines() if line.startswith("dbtvenv: error:")]
     assert len(errors) == 1 and "Traceback" not in result.err, result
+    assert "symbolic link" in errors[0] and f"uid {NOBODY}" in errors[0], result
     assert_untouched(victim)
+    assert _mode(victim) == 0o600  # not chmod-ed through the link either
     assert not key_dir.exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 from dbtvenv import spec
 from dbtvenv.errors import UsageError
 
-HEAVY = ("rich", "psutil", "filelock", "packaging", "pip", "uv", "importlib.metadata")
+HEAVY = ("rich", "psutil", "packaging", "pip", "uv", "importlib.metadata")
 # Imports that cost milliseconds and that starting dbt in a complete env does without.
 WARM_PATH_NEEDS_NONE = ("click", "dbtvenv.build", "dbtvenv.lock", "dataclasses", "platform")
 CORE = (
