@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dbtvenv import __version__, procs
+from dbtvenv import __version__, dbt_lines, prereleases, procs
 from dbtvenv.compat import repairs
 from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
@@ -40,6 +40,11 @@ _LIST_DISTRIBUTIONS = (
     "import importlib.metadata as m, json; "
     "print(json.dumps(sorted({(d.metadata['Name'], d.version) for d in m.distributions() "
     "if d.metadata['Name']})))"
+)
+_LIST_REQUIRES = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps({d.metadata['Name'] + ' ' + d.version: d.requires or [] "
+    "for d in m.distributions() if d.metadata['Name']}))"
 )
 
 
@@ -132,6 +137,8 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
         args += ["-r", str(f.path)]
     for f in spec.constraints_files:
         args += ["-c", str(f.path)]
+    if spec.implied_pins:
+        args += ["-c", str(env_python.parent.parent / dbt_lines.CONSTRAINTS_FILE)]
     if installer == "uv":
         return [
             find_uv(),
@@ -140,6 +147,7 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
             "--python",
             str(env_python),
             "--compile-bytecode",
+            *prereleases.uv_options(spec),
             *args,
             *uv_pip_options(spec.pip_install_options),
             *spec.requirements,
@@ -191,6 +199,10 @@ def build_env(
     """
     started = time.monotonic()
     env = procs.child_environment(remove=_HELPER_ENV_REMOVE)
+    for note in spec.dbt_line_notes:
+        reporter.info(note)
+    for pin in spec.implied_pins:
+        reporter.info(pin.reason)
     try:
         reporter.phase(f"creating a virtual environment with Python {spec.python.version}")
         _run(
@@ -203,6 +215,10 @@ def build_env(
             where=env_dir.parent,
         )
         env_python = env_dir / "bin" / "python"
+        if spec.implied_pins:
+            (env_dir / dbt_lines.CONSTRAINTS_FILE).write_text(
+                dbt_lines.constraints_text(spec.implied_pins)
+            )
         count = len(spec.requirements) + len(spec.requirements_files)
         reporter.phase(f"installing {count} requirement(s) with {installer}")
         _run(
@@ -238,6 +254,10 @@ def build_env(
                 where=env_dir.parent,
             )
             distributions = _list_distributions(env_python, env)
+        if prereleases.asked_for(spec) is None:
+            unasked = prereleases.unasked(distributions, lambda: _list_requires(env_python, env))
+            if unasked is not None:
+                raise BuildError(unasked)
         manifest = {
             "format": 1,
             "dbtvenv_version": __version__,
@@ -249,6 +269,7 @@ def build_env(
                 "implementation": spec.python.implementation,
             },
             "installer": installer,
+            "implied_pins": [pin.requirement for pin in spec.implied_pins],
             "repairs": [fix.requirement for fix in fixes],
             "distributions": [{"name": n, "version": v} for n, v in distributions],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -312,6 +333,12 @@ def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Pat
             "install time; pin a dbt-core line that installs from the registry alone, e.g. "
             "--requirements 'dbt-core~=1.11.0'"
         )
+    if "pre-releases weren't enabled" in text:  # uv, told `--prerelease explicit`
+        return (
+            f"{what} found only pre-releases for part of the requirements, and nothing you gave "
+            "asks for one; name the pre-release you want in --requirements, or accept "
+            "pre-releases with --pip-install-options --pre (uv's lines below name it)"
+        )
     if "No space left on device" in text:
         return (
             f"{what} ran out of disk space building the env in {where}: free space on that "
@@ -326,6 +353,18 @@ def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Pat
     return (
         f"{what} failed (exit {returncode}) while installing the env; fix the requirements or "
         f"--pip-install-options as {what}'s last lines below say, then retry"
+    )
+
+
+def _list_requires(env_python: Path, env: dict[str, str]) -> dict[str, list[str]]:
+    """Each installed distribution's requirements, by `name version`."""
+    result = procs.run_captured([str(env_python), "-I", "-c", _LIST_REQUIRES], env=env)
+    try:
+        found = json.loads(result.tail[-1]) if result.returncode == 0 else {}
+    except (ValueError, IndexError):
+        return {}
+    return (
+        {str(k): [str(r) for r in v] for k, v in found.items()} if isinstance(found, dict) else {}
     )
 
 

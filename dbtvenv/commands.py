@@ -33,6 +33,7 @@ class EnvOptions(NamedTuple):
     pip_install_options: str | None = None
     python: str | None = None
     system_site_packages: bool = False
+    no_implied_pins: bool = False
     lock_timeout: float = 120.0
     installer: str = "pip"
 
@@ -44,6 +45,7 @@ class EnvOptions(NamedTuple):
             pip_install_options=self.pip_install_options,
             python=self.python,
             system_site_packages=self.system_site_packages,
+            no_implied_pins=self.no_implied_pins,
         )
 
     def settings(self) -> Settings:
@@ -142,7 +144,8 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
             f"(base interpreter {python.get('executable', '?')})",
         ),
         ("installer", str(manifest.get("installer", "-"))),
-        ("repairs", " ".join(manifest.get("repairs") or []) or "-"),
+        ("implied pins", " ".join(entry.implied_pins) or "-"),
+        ("repairs", " ".join(entry.repairs) or "-"),
         ("dbt-core", entry.version_of("dbt-core") or "-"),
         ("adapters", _versions(entry.adapters)),
         ("created", _when(entry.created)),
@@ -199,6 +202,7 @@ class Column(NamedTuple):
 ENV_LIST_COLUMNS = (
     Column("KEY", "cyan"),
     Column("REQUIREMENTS"),
+    Column("ADDED", drop=7),  # by dbtvenv: the implied dbt-core line, repairs
     Column("PYTHON", drop=2),
     Column("DBT-CORE", drop=5),
     Column("ADAPTERS", drop=4),
@@ -222,7 +226,13 @@ def env_list(venv_dir: str | None, *, as_json: bool) -> int:
     rows = [
         (
             e.key,
-            [*e.requirements, *(f"-r {f}" for f in e.requirements_files)] or ["-"],
+            [
+                *e.requirements,
+                *(f"-r {f}" for f in e.requirements_files),
+                *(f"-c {f}" for f in e.constraints_files),
+            ]
+            or ["-"],
+            [*e.implied_pins, *e.repairs] or ["-"],
             e.python or "-",
             e.version_of("dbt-core") or "-",
             [f"{name}=={version}" for name, version in e.adapters.items()] or ["-"],

@@ -152,6 +152,16 @@ ENV_OPTIONS = (
         False,
     ),
     EnvOption(
+        "--no-implied-pins",
+        "no_implied_pins",
+        "DBTVENV_NO_IMPLIED_PINS",
+        FLAG,
+        "",
+        "Do not constrain dbt-core to the line an adapter pin asks for (dbt-duckdb==1.9: "
+        "dbt-core~=1.9.0); the installer chooses dbt-core.",
+        False,
+    ),
+    EnvOption(
         "--lock-timeout",
         "lock_timeout",
         "DBTVENV_LOCK_TIMEOUT",

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbtvenv import procs, store
+from dbtvenv import dbt_lines, procs, store
 from dbtvenv.errors import EnvBusy, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.settings import Settings
@@ -102,11 +102,12 @@ def _build(
         on_tick=on_tick,
         tick=min(tick, 1.0),
     )
-    count = len(manifest["distributions"])
+    distributions = [(d["name"], d["version"]) for d in manifest["distributions"]]
+    dbt = ", ".join(f"{n} {v}" for n, v in dbt_lines.installed_dbt(distributions))
     name = "temporary env" if env_dir.name == TEMP_ENV else f"env {env_dir.name}"
     reporter.done(
-        f"built {name} in {manifest['build_seconds']:.1f} s "
-        f"({count} distributions, {settings.installer})"
+        f"built {name} in {manifest['build_seconds']:.1f} s{': ' + dbt if dbt else ''} "
+        f"({len(distributions)} distributions, {settings.installer})"
     )
 
 

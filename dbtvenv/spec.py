@@ -8,10 +8,11 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dbtvenv import dbt_lines
 from dbtvenv.errors import UsageError
 from dbtvenv.redact import redact, redact_all
 
@@ -52,10 +53,14 @@ class EnvSpec(NamedTuple):
     pip_install_options: tuple[str, ...]
     python: Interpreter
     system_site_packages: bool
+    # What dbtvenv adds: the dbt-core line an adapter pin asks for (see dbt_lines), and notes
+    # on pins it could not imply. Shown at build time only.
+    implied_pins: tuple[dbt_lines.ImpliedPin, ...] = ()
+    dbt_line_notes: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
-        payload = {
+        payload: dict[str, Any] = {
             "format": KEY_FORMAT,
             "requirements": sorted(set(redact_all(self.requirements))),
             "requirements_files": [f.sha256 for f in self.requirements_files],
@@ -64,6 +69,8 @@ class EnvSpec(NamedTuple):
             "python": [self.python.implementation, self.python.version],
             "system_site_packages": self.system_site_packages,
         }
+        if self.implied_pins:  # absent otherwise: the keys of all other envs stay as they were
+            payload["implied_pins"] = [pin.requirement for pin in self.implied_pins]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hex_digest(blob)[:KEY_LENGTH]
 
@@ -90,6 +97,7 @@ def resolve_spec(
     pip_install_options: str | None,
     python: str | None,
     system_site_packages: bool,
+    no_implied_pins: bool = False,
 ) -> EnvSpec:
     """Validate and normalise what the user gave; every mistake is a `UsageError`."""
     if not requirements and not requirements_files:
@@ -98,14 +106,52 @@ def resolve_spec(
             "(e.g. --requirements 'dbt-postgres~=1.9.0'), DBTVENV_REQUIREMENTS or "
             "--requirements-file PATH"
         )
+    normalised = tuple(normalise_requirement(r) for r in requirements)
+    files = [_read_input_file(p, "requirements") for p in requirements_files]
+    constraints = [_read_input_file(p, "constraints") for p in constraints_files]
+    options = split_pip_options(pip_install_options)
+    decision: dbt_lines.LineDecision = ((), ())
+    if not no_implied_pins:
+        decision = dbt_lines.decide(
+            [*normalised, *_dbt_requirements(data for _, data in files)],
+            _dbt_requirements(data for _, data in constraints),
+            pre=_asks_for_prereleases(options),
+        )
     return EnvSpec(
-        requirements=tuple(normalise_requirement(r) for r in requirements),
-        requirements_files=tuple(_input_file(p, "requirements") for p in requirements_files),
-        constraints_files=tuple(_input_file(p, "constraints") for p in constraints_files),
-        pip_install_options=split_pip_options(pip_install_options),
+        requirements=normalised,
+        requirements_files=tuple(f for f, _ in files),
+        constraints_files=tuple(f for f, _ in constraints),
+        pip_install_options=options,
         python=find_interpreter(python),
         system_site_packages=system_site_packages,
+        implied_pins=decision[0],
+        dbt_line_notes=decision[1],
     )
+
+
+def _asks_for_prereleases(options: Sequence[str]) -> str | None:
+    if "--pre" in options:
+        return "--pre"
+    for i, option in enumerate(options):
+        policy = option.split("=", 1)[1] if option.startswith("--prerelease=") else None
+        if option == "--prerelease" and i + 1 < len(options):
+            policy = options[i + 1]
+        if policy == "allow":
+            return "--prerelease allow"
+    return None
+
+
+def _dbt_requirements(contents: Iterable[bytes]) -> list[str]:
+    """The requirements of files naming dbt-core or an adapter, normalised; a line pip would
+    reject is left for pip to reject."""
+    found = []
+    for data in contents:
+        for line in dbt_lines.dbt_requirement_lines(data.decode("utf-8", "replace")):
+            try:
+                found.append(normalise_requirement(line))
+            except UsageError:
+                continue
+    return found
 
 
 _WS = r"[ \t]*"
@@ -193,7 +239,7 @@ _FILE_OPTIONS = {
 }
 
 
-def _input_file(path: str, kind: str) -> InputFile:
+def _read_input_file(path: str, kind: str) -> tuple[InputFile, bytes]:
     p = Path(path).expanduser().absolute()
     given = f"check the path given to {_FILE_OPTIONS.get(kind, kind)}"
     try:
@@ -211,7 +257,7 @@ def _input_file(path: str, kind: str) -> InputFile:
             f"cannot read {kind} file {path!r}: {exc.strerror}; make it readable for this user "
             f"or {given}"
         ) from None
-    return InputFile(path=p, sha256=hex_digest(data))
+    return InputFile(path=p, sha256=hex_digest(data)), data
 
 
 # Runs on any Python, even 2.7, so that one too old is told so (`-I` is 3.4+: `-E -s` and no

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dbtvenv import dbt_lines
 from dbtvenv.errors import DbtvenvError, VenvDirError
 
 MANIFEST = "dbtvenv.json"
@@ -353,6 +354,19 @@ class EnvEntry(NamedTuple):
         spec = (self.manifest or {}).get("spec") or {}
         return [str(f.get("path")) for f in spec.get("requirements_files", [])]
 
+    @property
+    def constraints_files(self) -> list[str]:
+        spec = (self.manifest or {}).get("spec") or {}
+        return [str(f.get("path")) for f in spec.get("constraints_files", [])]
+
+    @property
+    def implied_pins(self) -> list[str]:
+        return [str(r) for r in (self.manifest or {}).get("implied_pins") or []]
+
+    @property
+    def repairs(self) -> list[str]:
+        return [str(r) for r in (self.manifest or {}).get("repairs") or []]
+
     def to_json(self) -> dict[str, Any]:
         """The `env list --json` object of this env (documented in docs/json.md)."""
         return {
@@ -362,6 +376,9 @@ class EnvEntry(NamedTuple):
             "in_use": self.in_use,
             "requirements": self.requirements,
             "requirements_files": self.requirements_files,
+            "constraints_files": self.constraints_files,
+            "implied_pins": self.implied_pins,
+            "repairs": self.repairs,
             "python": self.python,
             "dbt_core": self.version_of("dbt-core"),
             "adapters": self.adapters,
@@ -372,15 +389,7 @@ class EnvEntry(NamedTuple):
         }
 
 
-# dbt's own distributions: everything else named dbt-* is an adapter.
-NOT_ADAPTERS = {
-    "dbt-core",
-    "dbt-adapters",
-    "dbt-common",
-    "dbt-extractor",
-    "dbt-semantic-interfaces",
-    "dbt-protos",
-}
+NOT_ADAPTERS = dbt_lines.NOT_ADAPTERS
 
 
 def canonical_name(name: str) -> str:

@@ -51,7 +51,7 @@ import base64
 import hashlib
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -276,6 +276,7 @@ def write_wheel(
     *,
     entry_points: str | None = None,
     summary: str = "",
+    requires: Sequence[str] = (),
 ) -> Path:
     """Write a pure-Python ``py3-none-any`` wheel of ``files`` into ``dest`` and return it."""
     project = re.sub(r"[-_.]+", "_", name).lower()
@@ -286,7 +287,7 @@ def write_wheel(
         f"Version: {version}\n"
         f"Summary: {summary}\n"
         "Requires-Python: >=3.9\n"
-    )
+    ) + "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
     wheel = (
         "Wheel-Version: 1.0\n"
         "Generator: dbtvenv-tests-standin\n"

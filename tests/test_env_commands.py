@@ -122,7 +122,10 @@ def test_path_builds_nothing_and_prepare_prints_only_the_path(
     assert built.returncode == 0, built
     assert built.out == f"{env_dir}\n", "stdout holds the path and nothing else"
     assert f"building env {env_dir.name}: no env for this spec yet" in built.err
-    assert re.search(rf"built env {env_dir.name} in [\d.]+ s \(1 distributions, pip\)", built.err)
+    assert re.search(
+        rf"built env {env_dir.name} in [\d.]+ s: dbt-standin 1.0.0 \(1 distributions, pip\)",
+        built.err,
+    )
     assert (env_dir / "dbtvenv.json").is_file() and (env_dir / "bin" / "dbt").exists()
 
     again = dbtvenv("env", "prepare", "--venv-dir", cache_dir, env=standin_env)
@@ -139,12 +142,13 @@ def test_info_shows_the_manifest_as_text_and_json(
 
     text = dbtvenv("env", "info", "--venv-dir", cache_dir, env=info_env)
     assert text.returncode == 0, text
-    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.out.splitlines()[:16])
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in text.out.splitlines()[:17])
     assert fields["key"] == env_dir.name
     assert fields["path"] == str(env_dir)
     assert fields["requirements"] == "dbt-standin==2.0.0"
     assert fields["python"].startswith(f"cpython {platform.python_version()} (base interpreter ")
     assert fields["adapters"] == "dbt-standin==2.0.0"
+    assert fields["implied pins"] == fields["repairs"] == "-"
     assert fields["in use"] == "no"
     assert re.fullmatch(r"\d+\.\d (KiB|MiB)", fields["size"]), fields["size"]
     assert re.fullmatch(r"\S+\+00:00 \(\d+s ago\)", fields["created"]), fields["created"]
@@ -233,6 +237,7 @@ def test_list_json_one_object_per_env_most_recently_used_first(
     assert recent["adapters"] == {"dbt-standin": "2.0.0"}
     age = datetime.now(timezone.utc) - datetime.fromisoformat(old["last_used"])
     assert timedelta(days=3) < age < timedelta(days=3, minutes=10)
+    assert recent["constraints_files"] == recent["implied_pins"] == recent["repairs"] == []
     assert broken["complete"] is False and broken["requirements"] == []
     assert broken["created"] is None and broken["adapters"] == {}
 
@@ -247,7 +252,7 @@ def test_list_table_without_a_terminal_is_plain_aligned_columns(
     header, *lines = result.out.splitlines()
     assert header.split("  ")[0] == "KEY"
     assert re.split(r"\s{2,}", header) == [
-        "KEY", "REQUIREMENTS", "PYTHON", "DBT-CORE", "ADAPTERS", "SIZE",
+        "KEY", "REQUIREMENTS", "ADDED", "PYTHON", "DBT-CORE", "ADAPTERS", "SIZE",
         "CREATED", "LAST USED", "IN USE", "COMPLETE",
     ]  # fmt: skip
     starts = [header.index(name) for name in ("SIZE", "LAST USED", "IN USE")]
@@ -431,3 +436,26 @@ def test_a_reader_that_has_gone_is_sigpipe_not_an_error(
         os.close(write_end)
     assert done.returncode == 128 + signal.SIGPIPE, done
     assert done.stderr == b"", done
+
+
+def test_list_tells_apart_envs_that_differ_only_in_constraints(
+    dbtvenv: RunDbtvenv, cache_dir: Path, standin_env: dict[str, str], tmp_path: Path
+) -> None:
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("dbt-standin<2\n")
+    plain = prepare(dbtvenv, cache_dir, standin_env, "dbt-standin")
+    constrained = prepare(
+        dbtvenv, cache_dir, {**standin_env, "DBTVENV_CONSTRAINTS": str(constraints)}, "dbt-standin"
+    )
+    assert plain != constrained
+    rows = {row["key"]: row for row in env_list(dbtvenv, cache_dir)}
+    assert rows[plain.name]["constraints_files"] == []
+    assert rows[constrained.name]["constraints_files"] == [str(constraints)]
+    assert rows[plain.name]["adapters"] == {"dbt-standin": "2.0.0"}
+    assert rows[constrained.name]["adapters"] == {"dbt-standin": "1.0.0"}
+
+    table = dbtvenv("env", "list", "--venv-dir", cache_dir)
+    assert table.returncode == 0, table
+    lines = {line.split()[0]: line for line in table.out.splitlines()[1:]}
+    assert lines[constrained.name].split()[1:4] == ["dbt-standin", "-c", str(constraints)]
+    assert lines[plain.name].split()[1:3] == ["dbt-standin", "-"]

@@ -100,7 +100,9 @@ def test_plain_lines_without_a_terminal(
     messages = [line.split(" dbtvenv: ", 1)[1] for line in lines]
     assert messages[0] == f"building env {key}: no env for this spec yet"
     assert "installing 1 requirement(s) with pip" in messages
-    assert re.fullmatch(rf"built env {key} in [\d.]+ s \(1 distributions, pip\)", messages[-1])
+    assert re.fullmatch(
+        rf"built env {key} in [\d.]+ s: dbt-standin 1.0.0 \(1 distributions, pip\)", messages[-1]
+    )
 
 
 def test_live_view_on_a_terminal_vanishes_into_one_summary_line(
@@ -129,7 +131,8 @@ def test_live_view_on_a_terminal_vanishes_into_one_summary_line(
         screen(terminal)[1],
     ]
     assert re.fullmatch(
-        rf"\u2713 dbtvenv: built env {env_dir.name} in [\d.]+ s \(1 distributions, pip\)",
+        rf"\u2713 dbtvenv: built env {env_dir.name} in [\d.]+ s: dbt-standin 1.0.0 "
+        r"\(1 distributions, pip\)",
         screen(terminal)[1],
     )
 
