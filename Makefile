@@ -6,7 +6,7 @@ DEMO_CACHE ?= $(CURDIR)/.demo-cache
 DEMO_REQUIREMENTS := --requirements 'dbt-core~=1.11.0' --requirements 'dbt-duckdb~=1.11.0'
 PYTEST_ARGS ?=
 
-.PHONY: dev lint format test test-fast test-airflow demo bench completions clean
+.PHONY: dev lint format test test-fast test-airflow test-cosmos demo bench bench-cosmos completions clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,13 @@ test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: dev
-	$(BIN)/python -m pytest -m 'not e2e and not airflow' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m 'not e2e and not airflow and not cosmos' $(PYTEST_ARGS)
 
 test-airflow: dev
 	$(BIN)/python -m pytest -m airflow $(PYTEST_ARGS)
+
+test-cosmos: dev
+	$(BIN)/python -m pytest -m cosmos $(PYTEST_ARGS)
 
 demo: dev
 	cd examples/jaffle_duckdb && DBT_PROFILES_DIR=. \
@@ -42,6 +45,9 @@ demo: dev
 
 bench: dev
 	$(BIN)/python benchmarks/bench.py
+
+bench-cosmos: dev
+	$(BIN)/python benchmarks/cosmos.py
 
 completions: dev
 	for shell in bash zsh fish; do $(BIN)/dbtvenv completion $$shell > completions/dbtvenv.$$shell; done

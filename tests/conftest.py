@@ -15,6 +15,7 @@ import pytest
 from standin import build_wheelhouse
 
 if TYPE_CHECKING:  # lockfaults itself imports this module
+    from airflowenv import Airflow
     from lockfaults import WheelServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +212,12 @@ def wheels(wheel_server: WheelServer) -> Iterator[WheelServer]:
     wheel_server.reset()
     yield wheel_server
     wheel_server.release()
+
+
+@pytest.fixture(scope="session")
+def airflow(tmp_path_factory: pytest.TempPathFactory) -> Airflow:
+    """A real Airflow with Cosmos and dbtvenv in its own venv, built once for every test that
+    needs it (tests/airflowenv.py)."""
+    from airflowenv import install_airflow
+
+    return install_airflow(tmp_path_factory.mktemp("airflow"))
