@@ -172,8 +172,9 @@ Environment:
   DBTVENV_*           each ENV OPTION has one, e.g. DBTVENV_VENV_DIR
   DBTVENV_KILL_GRACE  seconds dbt gets to stop after a signal (default 30)
   DBTVENV_LOCK_LEASE  seconds until another host's lock is stale (default 60)
+  DBTVENV_WARM_IDLE   seconds a warm process waits for a request (default 600)
   NO_COLOR            no colours on a terminal
-  DBTVENV_DEBUG=1     show the traceback of an internal error
+  DBTVENV_DEBUG=1     show internal errors' tracebacks, and if dbt ran warm
 
 \b
 Exit status:
@@ -230,7 +231,7 @@ def cli() -> None:
     Synopsis:
       dbtvenv DBT_COMMAND [ENV OPTIONS] [--] [DBT ARGS]...
       dbtvenv dbt [ENV OPTIONS] [--] DBT ARGS...
-      dbtvenv env prepare|path|info|list|rm|gc [OPTIONS]
+      dbtvenv env prepare|path|info|list|rm|stop-warm|gc [OPTIONS]
       dbtvenv lock status [ENV OPTIONS]
       dbtvenv shim [ENV OPTIONS] --output PATH
       dbtvenv completion bash|zsh|fish
@@ -453,6 +454,37 @@ def env_rm(
     return commands.env_rm(
         venv_dir, keys, remove_all=remove_all, force=force, lock_timeout=lock_timeout
     )
+
+
+@env_group.command("stop-warm")
+@click.option(
+    "--venv-dir",
+    metavar="DIR",
+    envvar="DBTVENV_VENV_DIR",
+    show_envvar=True,
+    shell_complete=_complete_dir,
+    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
+)
+@click.option(
+    "--all",
+    "stop_all",
+    is_flag=True,
+    help="Stop every warm process of yours (of the envs in --venv-dir, if given).",
+)
+@click.argument("keys", nargs=-1, metavar="[KEY]...", shell_complete=_complete_env_key)
+def env_stop_warm(venv_dir: str | None, stop_all: bool, keys: tuple[str, ...]) -> int:
+    """Stop your warm processes of envs (--warm).
+
+    A warm process takes no new request once told, and exits when the dbt commands it runs
+    have ended; the next --warm run starts a new one. Only your own warm processes are
+    stopped: each user has their own. 'env info' lists them.
+
+    \b
+    Example:
+      dbtvenv env stop-warm --venv-dir ~/.cache/dbtvenv 3f2a9c1e5b7d4a60
+      dbtvenv env stop-warm --all
+    """
+    return commands.env_stop_warm(venv_dir, keys, stop_all=stop_all)
 
 
 @env_group.command("gc")

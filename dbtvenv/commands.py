@@ -36,6 +36,7 @@ class EnvOptions(NamedTuple):
     no_implied_pins: bool = False
     lock_timeout: float = 120.0
     installer: str = "pip"
+    warm: bool = False
 
     def spec(self) -> EnvSpec:
         return resolve_spec(
@@ -74,6 +75,10 @@ def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
     reporter = make_reporter()
     try:
         if not options.persistent:
+            if options.warm:
+                from dbtvenv.warm import debug
+
+                debug("running dbt directly: warm mode needs a persistent env (--venv-dir)")
             with provision.temporary_env(spec, settings, reporter) as env_dir:
                 return run_in_env(env_dir, dbt_args, kill_grace=settings.kill_grace)
         root = options.cache_root("run")
@@ -81,6 +86,10 @@ def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
             env_dir = provision.ensure_env(root, spec, settings, reporter)
             with store.mark_in_use(env_dir) as usable:
                 if usable:
+                    if options.warm:
+                        status = _run_warm(env_dir, dbt_args, kill_grace=settings.kill_grace)
+                        if status is not None:
+                            return status
                     return run_in_env(env_dir, dbt_args, kill_grace=settings.kill_grace)
         raise EnvBusy(
             f"env {env_dir} was removed three times while dbt was starting in it; is an "
@@ -88,6 +97,14 @@ def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
         )
     finally:
         reporter.close()
+
+
+def _run_warm(env_dir: Path, dbt_args: Sequence[str], *, kill_grace: float) -> int | None:
+    """dbt's status from a run in the env's warm process, or None: then run it directly."""
+    from dbtvenv import warm
+    from dbtvenv.runner import dbt_environment
+
+    return warm.run(env_dir, dbt_args, dbt_environment(env_dir), kill_grace=kill_grace)
 
 
 def env_prepare(options: EnvOptions) -> int:
@@ -152,6 +169,7 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
         ("last used", _when(entry.last_used)),
         ("in use", "yes" if entry.in_use else "no"),
         ("size", human_size(entry.size)),
+        *_warm_rows(entry.path),
         ("distributions", str(len(entry.distributions))),
     ]
     width = max(len(name) for name, _ in rows)
@@ -161,8 +179,29 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
     return 0
 
 
+def _warm_rows(env_dir: Path) -> list[tuple[str, str]]:
+    """One row per warm process of this user for the env (`--warm`), or one that says none."""
+    from dbtvenv.warm import warm_processes
+
+    rows = []
+    for warm in warm_processes(env_dir):
+        requests = "?" if warm.requests is None else str(warm.requests)
+        running = f", {warm.active} running" if warm.active else ""
+        rss = "?" if warm.rss is None else human_size(warm.rss)
+        rows.append(
+            (
+                "warm process",
+                f"pid {warm.pid}, started {_when(warm.started)}, {requests} requests served"
+                f"{running}, RSS {rss}",
+            )
+        )
+    return rows or [("warm processes", "none (of this user)")]
+
+
 def env_info_json(entry: store.EnvEntry) -> dict[str, Any]:
     """The manifest as written at build time, plus what changes after it (docs/json.md)."""
+    from dbtvenv.warm import warm_processes
+
     return {
         **(entry.manifest or {}),
         "path": str(entry.path),
@@ -170,6 +209,7 @@ def env_info_json(entry: store.EnvEntry) -> dict[str, Any]:
         "in_use": entry.in_use,
         "last_used": store.iso(entry.last_used),
         "size": entry.size,
+        "warm_processes": [w.to_json() for w in warm_processes(entry.path)],
     }
 
 
@@ -362,8 +402,46 @@ def env_rm(
             continue
         if in_use:
             reporter.info(f"env {key} was in use; removed it anyway (--force)")
+        _stop_warm_of(env_dir, reporter)
         print(f"removed env {key} ({human_size(size)})", flush=True)
     return status
+
+
+def _stop_warm_of(env_dir: Path, reporter: Reporter) -> None:
+    from dbtvenv.warm import stop_warm
+
+    for warm in stop_warm(env_dir):
+        reporter.info(f"stopped warm process {warm.pid} of env {env_dir.name}")
+
+
+def env_stop_warm(venv_dir: str | None, keys: Sequence[str], *, stop_all: bool) -> int:
+    """Stop this user's warm processes of those envs (all of them with `stop_all`); what was
+    stopped goes to stdout. A warm process takes no new request once told, and exits as soon
+    as the dbt commands it runs have ended."""
+    from dbtvenv.warm import stop_warm, warm_processes
+
+    if stop_all and keys:
+        raise UsageError("env stop-warm takes KEY... or --all, not both")
+    if not stop_all and not keys:
+        raise UsageError("env stop-warm needs the KEY of an env (see 'dbtvenv env list') or --all")
+    root = Path(venv_dir).expanduser().absolute() if venv_dir else None
+    if keys and root is None:
+        raise UsageError("env stop-warm KEY... needs --venv-dir DIR (or DBTVENV_VENV_DIR)")
+    if stop_all:
+        envs = sorted({Path(w.env) for w in warm_processes()})
+        if root is not None:
+            envs = [env for env in envs if env.parent == root]
+    else:
+        assert root is not None
+        envs = [root / key for key in dict.fromkeys(keys)]
+    stopped = 0
+    for env_dir in envs:
+        for warm in stop_warm(env_dir):
+            print(f"stopped warm process {warm.pid} of env {env_dir.name}", flush=True)
+            stopped += 1
+    if not stopped:
+        Reporter().info("no warm process of this user to stop")
+    return 0
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

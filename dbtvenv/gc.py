@@ -82,6 +82,10 @@ def _remove_locked(root: Path, key: str, cutoff: float, reporter: Reporter) -> b
                 reporter.info(f"keeping env {key}: it was built or used just now")
                 return False
             store.remove_env(root / key)
+        from dbtvenv.warm import stop_warm
+
+        for warm in stop_warm(root / key):
+            reporter.info(f"stopped warm process {warm.pid} of env {key}")
     except LockTimeout:
         reporter.info(f"keeping env {key}: another process holds its lock")
         return False

@@ -172,6 +172,16 @@ ENV_OPTIONS = (
         names_env=False,
     ),
     EnvOption(
+        "--warm",
+        "warm",
+        "DBTVENV_WARM",
+        FLAG,
+        "",
+        "Persistent mode: start dbt as a fork of the env's warm process, which has imported "
+        "dbt already (docs/warm.md). Runs dbt directly where that cannot serve.",
+        False,
+    ),
+    EnvOption(
         "--installer",
         "installer",
         "DBTVENV_INSTALLER",

@@ -3,8 +3,9 @@
 ``build_wheelhouse(dest)`` writes three wheels into ``dest``:
 
 * ``dbt_standin-1.0.0-py3-none-any.whl`` and ``dbt_standin-2.0.0-py3-none-any.whl``:
-  distribution ``dbt-standin``, module ``dbt_standin`` and the console script
-  ``dbt = dbt_standin:main``;
+  distribution ``dbt-standin``, module ``dbt_standin``, and dbt's own entry point
+  ``dbt.cli.main:cli`` (which is ``dbt_standin.main``) as the console script ``dbt``, so
+  that a warm process can import and fork it as it does dbt-core's;
 * ``no_dbt_here-1.0.0-py3-none-any.whl``: distribution ``no-dbt-here``, no console script.
 
 so ``pip install --no-index --find-links DEST dbt-standin==1.0.0`` gives a venv with ``bin/dbt``.
@@ -321,6 +322,19 @@ def write_wheel(
     return target
 
 
+# dbt-core's entry point (1.5 and later), as a stand-in's package `dbt` provides it.
+DBT_CLI_MAIN = {
+    "dbt/__init__.py": "",
+    "dbt/cli/__init__.py": "",
+    "dbt/cli/main.py": "from dbt_standin import main as cli\n",
+}
+
+
+def dbt_cli_main(module: str, function: str = "main") -> dict[str, str]:
+    """The files of a package `dbt` whose `dbt.cli.main:cli` is `module.function`."""
+    return {**DBT_CLI_MAIN, "dbt/cli/main.py": f"from {module} import {function} as cli\n"}
+
+
 def build_wheelhouse(dest: Path) -> Path:
     """Write the stand-in wheels (see the module docstring) into ``dest`` and return ``dest``."""
     for version in STANDIN_VERSIONS:
@@ -328,8 +342,8 @@ def build_wheelhouse(dest: Path) -> Path:
             dest,
             STANDIN_DIST,
             version,
-            {"dbt_standin.py": STANDIN_SOURCE},
-            entry_points="[console_scripts]\ndbt = dbt_standin:main\n",
+            {"dbt_standin.py": STANDIN_SOURCE, **DBT_CLI_MAIN},
+            entry_points="[console_scripts]\ndbt = dbt.cli.main:cli\n",
             summary="Offline stand-in for the dbt command line (dbtvenv tests)",
         )
     write_wheel(

@@ -277,7 +277,7 @@ def test_every_contract_command_is_registered() -> None:
             command = command.get_command(ctx, word)
         assert command is not None, words
     for group, subs in {
-        "env": ["prepare", "path", "info", "list", "rm", "gc"],
+        "env": ["prepare", "path", "info", "list", "rm", "stop-warm", "gc"],
         "lock": ["status"],
     }.items():
         found = cli.get_command(ctx, group)

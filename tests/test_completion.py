@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT, MakeEnv, RunDbtvenv
 
 SHELLS = ("bash", "zsh", "fish")
-ENV_COMMANDS = ["prepare", "path", "info", "list", "rm", "gc"]
+ENV_COMMANDS = ["prepare", "path", "info", "list", "rm", "stop-warm", "gc"]
 
 
 @pytest.mark.parametrize("shell", SHELLS)

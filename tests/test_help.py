@@ -91,7 +91,7 @@ def test_top_level_help_reads_like_a_manual_page(dbtvenv: RunDbtvenv) -> None:
     for form in (
         "dbtvenv DBT_COMMAND [ENV OPTIONS] [--] [DBT ARGS]...",
         "dbtvenv dbt [ENV OPTIONS] [--] DBT ARGS...",
-        "dbtvenv env prepare|path|info|list|rm|gc",
+        "dbtvenv env prepare|path|info|list|rm|stop-warm|gc",
         "dbtvenv lock status [ENV OPTIONS]",
         "dbtvenv completion bash|zsh|fish",
     ):

@@ -17,21 +17,29 @@ from test_signals import (
     LONG_SLEEP,
     Spawner,
     finish,
+    in_mode,
+    mode_of,
     prepare_persistent_env,
     read_lines,
     wait_for_lines,
 )
+from warmmode import MODES, assert_mode, warm_up
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=MODES)
 def persistent_env(
-    wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory, _dbtvenv_pythonpath: str | None
-) -> dict[str, str]:
-    return prepare_persistent_env(
+    request: pytest.FixtureRequest,
+    wheelhouse: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    _dbtvenv_pythonpath: str | None,
+) -> Iterator[dict[str, str]]:
+    """The stand-in's persistent env, run directly and warm."""
+    settings = prepare_persistent_env(
         tmp_path_factory.mktemp("runner-cache"), wheelhouse, _dbtvenv_pythonpath
     )
+    yield from in_mode(request.param, settings, tmp_path_factory, _dbtvenv_pythonpath)
 
 
 @pytest.fixture
@@ -59,6 +67,7 @@ def test_exit_status_is_dbts(
     result = dbtvenv("run", env={**persistent_env, "STANDIN_EXIT": str(code)})
     assert result.returncode == code, result
     assert result.json()["argv"] == ["run"]
+    assert_mode(result.err, mode_of(persistent_env))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
@@ -68,6 +77,7 @@ def test_dbt_ended_by_a_signal_is_128_plus_n(
     result = dbtvenv("run", env={**persistent_env, "STANDIN_KILL_SELF": signum.name})
     assert result.returncode == 128 + signum, result
     assert "Traceback" not in result.err
+    assert_mode(result.err, mode_of(persistent_env))
 
 
 def test_exit_status_with_sigchld_ignored(spawner: Spawner, persistent_env: dict[str, str]) -> None:
@@ -79,14 +89,17 @@ def test_exit_status_with_sigchld_ignored(spawner: Spawner, persistent_env: dict
     )
     status, stderr = finish(proc)
     assert status == 3, stderr
+    assert_mode(stderr, mode_of(persistent_env))
 
 
 # --- environment ------------------------------------------------------------------------
 
 
 def test_dbt_environment(
-    dbtvenv: RunDbtvenv, persistent_env: dict[str, str], tmp_path: Path
+    dbtvenv: RunDbtvenv, persistent_env: dict[str, str], tmp_path: Path, make_env: MakeEnv
 ) -> None:
+    """dbt's environment is the caller's, with the env's own VIRTUAL_ENV and PATH and no
+    PYTHONPATH or PYTHONHOME (which also never reach the warm process)."""
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "shadowme.py").write_text("SHADOWED = True\n")
@@ -94,25 +107,22 @@ def test_dbt_environment(
     project.mkdir()
     path = os.environ["PATH"]
     env_path = dbtvenv("env", "path", env=persistent_env).out.strip()
+    environ = {
+        **persistent_env,
+        "PYTHONPATH": str(shadow),
+        "PYTHONHOME": sys.base_prefix,  # dbtvenv's own interpreter still starts with it
+        "DBT_PROFILES_DIR": str(project / "profiles"),
+        "STANDIN_MARK": "kept",
+        "PATH": path,
+    }
+    mode = mode_of(persistent_env)
+    if mode == "warm":  # DBT_* variables key the warm process: this one is new
+        warm_up(make_env(environ))
     result = dbtvenv(
-        "dbt",
-        "--",
-        "--log-level",
-        "debug",
-        "run",
-        "--select",
-        "a b",
-        env={
-            **persistent_env,
-            "PYTHONPATH": str(shadow),
-            "PYTHONHOME": sys.base_prefix,  # dbtvenv's own interpreter still starts with it
-            "DBT_PROFILES_DIR": str(project / "profiles"),
-            "STANDIN_MARK": "kept",
-            "PATH": path,
-        },
-        cwd=project,
+        "dbt", "--", "--log-level", "debug", "run", "--select", "a b", env=environ, cwd=project
     )
     assert result.returncode == 0, result
+    assert_mode(result.err, mode)
     report = result.json()
     assert report["argv"] == ["--log-level", "debug", "run", "--select", "a b"]
     assert report["cwd"] == str(project)
@@ -147,6 +157,7 @@ def test_a_child_dbt_leaves_running_is_killed(
         assert grandchild.pid == os.getsid(grandchild.pid)
     status, stderr = finish(proc)
     assert status == 0, stderr
+    assert_mode(stderr, mode_of(persistent_env))
     assert_no_survivors([grandchild])
 
 

@@ -25,7 +25,16 @@ import psutil
 import pytest
 from conftest import MakeEnv
 from procs import assert_no_survivors, children_of, kill_quietly, wait_for_pidfile
-from standin import write_wheel
+from standin import dbt_cli_main, write_wheel
+from warmmode import (
+    MODES,
+    assert_mode,
+    mode_settings,
+    private_run_dir,
+    stop_warm_processes,
+    warm_server_of,
+    warm_up,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
@@ -66,6 +75,34 @@ def prepare_persistent_env(
     return settings
 
 
+def mode_of(settings: Mapping[str, str]) -> str:
+    return "warm" if settings.get("DBTVENV_WARM") == "1" else "direct"
+
+
+def in_mode(
+    mode: str,
+    settings: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    pythonpath: str | None,
+) -> Iterator[dict[str, str]]:
+    """`settings` for runs in `mode`; for warm mode, with the warm process started and
+    stopped again at the end."""
+    if mode == "direct":
+        yield settings
+        return
+    run_dir = private_run_dir(tmp_path_factory.mktemp("warm"))
+    settings = {**settings, **mode_settings(mode, run_dir)}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DBTVENV_")}
+    environ.update(settings)
+    if pythonpath is not None:
+        environ["PYTHONPATH"] = pythonpath
+    warm_up(environ)
+    try:
+        yield settings
+    finally:
+        stop_warm_processes(run_dir)
+
+
 # A dbt that records who sent each signal. Python's own handlers merge two quick copies of a
 # signal into one call, and the kernel merges a copy that arrives while one is pending; the
 # sender of the copy that got through still tells a forwarded signal from one that came
@@ -90,30 +127,49 @@ def main():
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=MODES)
 def senders_env(
-    tmp_path_factory: pytest.TempPathFactory, _dbtvenv_pythonpath: str | None
-) -> dict[str, str]:
-    """A persistent env whose `dbt` records the sender of each signal (see SENDERS_DBT)."""
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    _dbtvenv_pythonpath: str | None,
+) -> Iterator[dict[str, str]]:
+    """A persistent env whose `dbt` records the sender of each signal (see SENDERS_DBT), run
+    directly and warm."""
     wheels = tmp_path_factory.mktemp("senders-wheels")
     write_wheel(
         wheels,
         "dbt-senders",
         "1.0.0",
-        {"dbt_senders.py": SENDERS_DBT},
-        entry_points="[console_scripts]\ndbt = dbt_senders:main\n",
+        {"dbt_senders.py": SENDERS_DBT, **dbt_cli_main("dbt_senders")},
+        entry_points="[console_scripts]\ndbt = dbt.cli.main:cli\n",
     )
-    return prepare_persistent_env(
+    settings = prepare_persistent_env(
         tmp_path_factory.mktemp("senders-cache"), wheels, _dbtvenv_pythonpath, "dbt-senders"
     )
+    yield from in_mode(request.param, settings, tmp_path_factory, _dbtvenv_pythonpath)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def persistent_env(
+    request: pytest.FixtureRequest,
+    wheelhouse: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    _dbtvenv_pythonpath: str | None,
+) -> Iterator[dict[str, str]]:
+    """The stand-in's persistent env, run directly and warm."""
+    settings = prepare_persistent_env(
+        tmp_path_factory.mktemp("signals-cache"), wheelhouse, _dbtvenv_pythonpath
+    )
+    yield from in_mode(request.param, settings, tmp_path_factory, _dbtvenv_pythonpath)
 
 
 @pytest.fixture(scope="module")
-def persistent_env(
+def direct_env(
     wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory, _dbtvenv_pythonpath: str | None
 ) -> dict[str, str]:
+    """The stand-in's persistent env, for what only a direct run does (a terminal's job)."""
     return prepare_persistent_env(
-        tmp_path_factory.mktemp("signals-cache"), wheelhouse, _dbtvenv_pythonpath
+        tmp_path_factory.mktemp("terminal-cache"), wheelhouse, _dbtvenv_pythonpath
     )
 
 
@@ -224,7 +280,7 @@ def test_signal_reaches_dbt_exactly_once(
     to_group: bool,
 ) -> None:
     """Sent to dbtvenv, or to its whole process group as Airflow does on a task kill: dbt gets
-    it from dbtvenv, and only from dbtvenv.
+    it from dbtvenv (in warm mode: from the warm process, told by dbtvenv), and only from there.
 
     dbt keeps running on the signal under test, so a later copy would be recorded too; a
     different signal then ends it, and dbtvenv exits with the status of that one.
@@ -247,12 +303,15 @@ def test_signal_reaches_dbt_exactly_once(
         os.killpg(proc.pid, signum)
     else:
         os.kill(proc.pid, signum)
-    first = f"{_name(signum)} {proc.pid}"
-    assert wait_for_lines(senders_file, 1) == [first]
+    [first] = wait_for_lines(senders_file, 1)
     ending = ENDING[signum]
     os.kill(proc.pid, ending)
     status, stderr = finish(proc)
-    assert read_lines(senders_file) == [first, f"{_name(ending)} {proc.pid}"]
+    mode = mode_of(senders_env)
+    assert_mode(stderr, mode)
+    sender = proc.pid if mode == "direct" else warm_server_of(stderr)
+    assert first == f"{_name(signum)} {sender}"
+    assert read_lines(senders_file) == [first, f"{_name(ending)} {sender}"]
     assert status == 128 + ending, stderr
     assert "Traceback" not in stderr
 
@@ -280,6 +339,7 @@ def test_kill_grace_kills_dbt_and_its_children(
     grandchild = psutil.Process(wait_for_pidfile(grandchild_pidfile))
     os.kill(proc.pid, signal.SIGTERM)
     status, stderr = finish(proc)
+    assert_mode(stderr, mode_of(persistent_env))
     assert status == 128 + signal.SIGKILL, stderr
     assert read_lines(signals_file) == ["SIGTERM"]
     assert_no_survivors([dbt, grandchild])
@@ -293,6 +353,8 @@ def test_sigkill_of_dbtvenv_takes_dbt_along(
         "run", env={**persistent_env, "STANDIN_PIDFILE": str(pidfile), "STANDIN_SLEEP": LONG_SLEEP}
     )
     dbt = psutil.Process(wait_for_pidfile(pidfile))
+    if mode_of(persistent_env) == "warm":
+        assert dbt.ppid() != proc.pid  # forked by the warm process, not started by dbtvenv
     proc.kill()
     proc.wait(timeout=30)
     assert_no_survivors([dbt], timeout=10)
@@ -318,6 +380,7 @@ def test_an_ignored_signal_stays_ignored(
     # SIGTERM below would not be what ends the run.
     os.kill(proc.pid, signal.SIGTERM)
     status, stderr = finish(proc)
+    assert_mode(stderr, mode_of(persistent_env))
     assert status == 128 + signal.SIGTERM, stderr
 
 
@@ -461,7 +524,8 @@ def test_ctrl_c_at_a_terminal_reaches_dbt_once(
     spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
 ) -> None:
     """dbt runs in the terminal's foreground; the Ctrl-C reaches it straight from the terminal,
-    and dbtvenv gives the foreground back to its own group when dbt has exited."""
+    and dbtvenv gives the foreground back to its own group when dbt has exited. With --warm
+    too: at a terminal dbt runs directly."""
     signals_file = tmp_path / "signals"
     job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
         spawner, persistent_env, STANDIN_SIGNALS_FILE=str(signals_file), STANDIN_SLEEP=LONG_SLEEP
@@ -472,16 +536,18 @@ def test_ctrl_c_at_a_terminal_reaches_dbt_once(
     assert exited["status"] == 128 + signal.SIGINT, job.output
     assert read_lines(signals_file) == ["SIGINT"]
     assert exited["foreground"] == dbtvenv_pid
+    if mode_of(persistent_env) == "warm":  # dbt needs the terminal: warm mode stands aside
+        assert b"running dbt directly: stdin is a terminal" in job.output, job.output
 
 
 def test_ctrl_c_at_a_terminal_is_not_passed_on_again(
-    spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
+    spawner: Spawner, direct_env: dict[str, str], tmp_path: Path
 ) -> None:
     """A dbt that ignores SIGINT records every copy it gets: the terminal's is the only one."""
     signals_file = tmp_path / "signals"
     job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
         spawner,
-        persistent_env,
+        direct_env,
         STANDIN_SIGNALS_FILE=str(signals_file),
         STANDIN_IGNORE_SIGINT="1",
         STANDIN_SLEEP=LONG_SLEEP,
@@ -497,12 +563,10 @@ def test_ctrl_c_at_a_terminal_is_not_passed_on_again(
 
 
 def test_dbt_reads_the_terminal(
-    spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
+    spawner: Spawner, direct_env: dict[str, str], tmp_path: Path
 ) -> None:
     """dbt can ask questions (`dbt init`): a background group reading its terminal would stop."""
-    job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(
-        spawner, persistent_env, STANDIN_READ_STDIN="1"
-    )
+    job, dbtvenv_pid, _dbt_pid = _dbt_in_the_foreground(spawner, direct_env, STANDIN_READ_STDIN="1")
     job.type(b"my answer\n\x04")
     exited = job.wait_for_event("exited")
     job.close()
@@ -518,13 +582,13 @@ def test_dbt_reads_the_terminal(
 
 
 def test_ctrl_z_at_a_terminal_stops_the_job(
-    spawner: Spawner, persistent_env: dict[str, str], tmp_path: Path
+    spawner: Spawner, direct_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Ctrl-Z stops dbt; dbtvenv follows it, so the shell sees its job stopped (rather than
     waiting forever on a dbtvenv that still runs), and `fg` continues dbt at the terminal."""
     signals_file = tmp_path / "signals"
     job, dbtvenv_pid, dbt_pid = _dbt_in_the_foreground(
-        spawner, persistent_env, STANDIN_SIGNALS_FILE=str(signals_file), STANDIN_SLEEP=LONG_SLEEP
+        spawner, direct_env, STANDIN_SIGNALS_FILE=str(signals_file), STANDIN_SLEEP=LONG_SLEEP
     )
     job.type(b"\x1a")
     stopped = job.wait_for_event("stopped")

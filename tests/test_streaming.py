@@ -18,7 +18,8 @@ import psutil
 import pytest
 from conftest import MakeEnv, RunDbtvenv
 from standin import iter_expected_output
-from test_signals import LONG_SLEEP, Spawner, finish, prepare_persistent_env
+from test_signals import LONG_SLEEP, Spawner, finish, in_mode, mode_of, prepare_persistent_env
+from warmmode import MODES, assert_mode, requests_served
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
@@ -27,13 +28,18 @@ STDERR_BYTES = 10_000_000
 RSS_LIMIT = 100 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=MODES)
 def persistent_env(
-    wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory, _dbtvenv_pythonpath: str | None
-) -> dict[str, str]:
-    return prepare_persistent_env(
+    request: pytest.FixtureRequest,
+    wheelhouse: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    _dbtvenv_pythonpath: str | None,
+) -> Iterator[dict[str, str]]:
+    """The stand-in's persistent env, run directly and warm."""
+    settings = prepare_persistent_env(
         tmp_path_factory.mktemp("streaming-cache"), wheelhouse, _dbtvenv_pythonpath
     )
+    yield from in_mode(request.param, settings, tmp_path_factory, _dbtvenv_pythonpath)
 
 
 @pytest.fixture
@@ -67,14 +73,17 @@ def expected_digest(n: int) -> str:
 
 
 def test_large_output_passes_through_byte_for_byte(
-    spawner: Spawner, persistent_env: dict[str, str]
+    spawner: Spawner, persistent_env: dict[str, str], make_env: MakeEnv
 ) -> None:
     """100 MB on stdout and 10 MB on stderr arrive unchanged, and never pass through dbtvenv's
-    memory."""
+    memory (in warm mode, dbt writes to dbtvenv's own descriptors)."""
+    quiet = {**persistent_env, "DBTVENV_DEBUG": None}  # stderr is dbt's alone
+    warm = mode_of(persistent_env) == "warm"
+    served = requests_served(make_env(quiet)) if warm else 0
     proc = spawner.start(
         "run",
         env={
-            **persistent_env,
+            **quiet,
             "STANDIN_STDOUT_BYTES": str(STDOUT_BYTES),
             "STANDIN_STDERR_BYTES": str(STDERR_BYTES),
         },
@@ -96,6 +105,8 @@ def test_large_output_passes_through_byte_for_byte(
     assert stdout.sha256.hexdigest() == expected_digest(STDOUT_BYTES)
     assert stderr.sha256.hexdigest() == expected_digest(STDERR_BYTES)
     assert 0 < peak_rss < RSS_LIMIT
+    if warm:
+        assert requests_served(make_env(quiet)) == served + 1
 
 
 def test_a_line_arrives_while_dbt_still_runs(
@@ -114,6 +125,7 @@ def test_a_line_arrives_while_dbt_still_runs(
     os.kill(proc.pid, signal.SIGTERM)
     status, stderr = finish(proc)
     assert status == 128 + signal.SIGTERM, stderr
+    assert_mode(stderr, mode_of(persistent_env))
 
 
 def test_only_dbt_writes_to_stdout_even_while_building(
