@@ -146,9 +146,15 @@ def test_a_child_dbt_leaves_running_is_killed(
     spawner: Spawner, persistent_env: dict[str, str], setsid: bool
 ) -> None:
     """dbt exits normally but leaves a child running; one that called setsid()
-    escaped dbt's process group, and still cannot escape dbtvenv (its subreaper)."""
+    escaped dbt's process group, and still cannot escape its subreaper (dbtvenv; in warm
+    mode dbt itself, then the warm process)."""
     grandchild_pidfile = spawner.pidfile("grandchild.pid")
-    env = {**persistent_env, "STANDIN_GRANDCHILD_PIDFILE": str(grandchild_pidfile)}
+    # dbt lives a moment after the pidfile: its end kills the child, the test must see it first
+    env = {
+        **persistent_env,
+        "STANDIN_GRANDCHILD_PIDFILE": str(grandchild_pidfile),
+        "STANDIN_SLEEP": "0.5",
+    }
     if setsid:
         env["STANDIN_GRANDCHILD_SETSID"] = "1"
     proc = spawner.start("run", env=env)
