@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtvenv import __version__, dbt_lines, prereleases, procs
-from dbtvenv.compat import repairs
+from dbtvenv.compat import explain_failure, repairs, source_build_note
 from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.redact import redact, redact_all
@@ -229,6 +229,7 @@ def build_env(
             tick,
             what=installer,
             where=env_dir.parent,
+            spec=spec,
         )
         reporter.phase("verifying dbt")
         if not os.access(env_dir / "bin" / "dbt", os.X_OK):
@@ -252,6 +253,7 @@ def build_env(
                 tick,
                 what=installer,
                 where=env_dir.parent,
+                spec=spec,
             )
             distributions = _list_distributions(env_python, env)
         if prereleases.asked_for(spec) is None:
@@ -300,25 +302,40 @@ def _run(
     *,
     what: str,
     where: Path,
+    spec: EnvSpec | None = None,
 ) -> None:
+    def ticked() -> None:
+        on_tick()
+        reporter.tick()
+
+    noted: set[str] = set()
+
+    def on_line(line: str) -> None:
+        reporter.detail(line)
+        note = source_build_note(line)
+        if note is not None and note not in noted:
+            noted.add(note)
+            reporter.info(note)
+
     try:
-        result = procs.run_captured(
-            argv, env=env, on_line=reporter.detail, on_tick=on_tick, tick=tick
-        )
+        result = procs.run_captured(argv, env=env, on_line=on_line, on_tick=ticked, tick=tick)
     except FileNotFoundError as exc:
         raise BuildError(f"cannot run {what}: {exc.filename} not found") from None
     except OSError as exc:  # not a program for this machine (ENOEXEC), not executable, ...
         raise BuildError(f"cannot run {what} ({argv[0]}): {exc.strerror or exc}") from None
     if result.returncode != 0:
         raise BuildError(
-            _failure_message(what, result.returncode, result.tail, where), redact_all(result.tail)
+            _failure_message(what, result.returncode, result.tail, where, spec),
+            redact_all(result.tail),
         )
 
 
 _NO_DISTRIBUTION = re.compile(r"No matching distribution found for (\S+)")
 
 
-def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Path) -> str:
+def _failure_message(
+    what: str, returncode: int, tail: Sequence[str], where: Path, spec: EnvSpec | None = None
+) -> str:
     text = "\n".join(tail)
     missing = _NO_DISTRIBUTION.search(text)
     if missing:
@@ -326,13 +343,9 @@ def _failure_message(what: str, returncode: int, tail: Sequence[str], where: Pat
             f"{what} found no distribution for {redact(missing.group(1))}: check the "
             "requirement's name and version, and the index in --pip-install-options"
         )
-    if "dbt-core-experimental-parser" in text or "dbt_core_experimental_parser" in text:
-        return (
-            f"{what} could not install dbt-core-experimental-parser, which the newest dbt-core "
-            "pulls in and which downloads a binary from outside the package registry at "
-            "install time; pin a dbt-core line that installs from the registry alone, e.g. "
-            "--requirements 'dbt-core~=1.11.0'"
-        )
+    explained = explain_failure(what, text, spec) if spec is not None else None
+    if explained is not None:
+        return explained
     if "pre-releases weren't enabled" in text:  # uv, told `--prerelease explicit`
         return (
             f"{what} found only pre-releases for part of the requirements, and nothing you gave "

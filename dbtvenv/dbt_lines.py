@@ -100,6 +100,7 @@ DECOUPLED_FROM = (1, 8)
 class ImpliedPin(NamedTuple):
     requirement: str  # what goes into the constraints: `dbt-core~=1.9.0`
     reason: str  # one line for stderr
+    asked_by: str  # the user's requirements that ask for the line: `dbt-postgres==1.9`
 
 
 # (pins, notes): the pins, and hints for the user where no pin could be implied
@@ -292,6 +293,7 @@ def decide(
             f"{DBT_CORE}~={major}.{minor}.0",
             f"{' and '.join(asks)} asks for the dbt {major}.{minor} line: constraining dbt-core to "
             f"~={major}.{minor}.0 (--no-implied-pins lets the installer choose)",
+            " and ".join(asks),
         )
         for (major, minor), asks in lines.items()
     )

@@ -14,6 +14,45 @@ if TYPE_CHECKING:
 
 # Installer lines worth a line of their own in a log.
 _MILESTONES = ("Installing collected packages", "Successfully installed", "Installed ")
+# A log gets a line at least this often while a build runs, so that it never looks hung.
+HEARTBEAT = 15.0
+
+
+def passed_on(line: str) -> bool:
+    """Installer lines every user must see, terminal or not: a yanked release was chosen."""
+    return "yanked" in line.lower()
+
+
+def activity(line: str) -> str | None:
+    """What pip or uv is doing, as one of its output lines shows it; None if it does not say."""
+    text = line.strip()
+    word, _, rest = text.partition(" ")
+    first = rest.split(" ", 1)[0]
+    if word in ("Collecting", "Processing", "Requirement") or text.startswith("Looking in"):
+        return f"resolving ({first})" if word == "Collecting" else "resolving"
+    if word == "Using":  # Using cached NAME (SIZE)
+        return "resolving"
+    if word == "Downloading":
+        name = first.rsplit("/", 1)[-1]
+        return f"resolving (downloading {name})" if ".metadata" in name else f"downloading {name}"
+    if text.startswith("INFO: pip is looking at multiple versions of"):
+        return f"resolving (trying other versions of {text.split(' of ', 1)[1].split(' ')[0]})"
+    if text.startswith("Building wheels for collected packages: "):
+        return f"building {text.split(': ', 1)[1]} from source"
+    if text.startswith("Building wheel for "):
+        return f"building {text.split(' ')[3]} from source"
+    if word == "Building":  # uv: Building psycopg2==2.9.10
+        return f"building {first} from source"
+    if text.startswith(("Installing build dependencies", "Getting requirements to build")):
+        return "preparing a source distribution"
+    if text.startswith("Installing collected packages:"):
+        count = len(text.split(":", 1)[1].split(","))
+        return f"installing {count} distributions and compiling their bytecode"
+    if word == "Resolved":  # uv
+        return f"downloading and preparing {first} packages"
+    if word == "Prepared":  # uv
+        return "installing and compiling bytecode"
+    return None
 
 
 class Reporter:
@@ -21,28 +60,45 @@ class Reporter:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self._phase = ""
+        self._activity = ""
+        self._phase_started = self._last = time.monotonic()
 
     def _emit(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stream.write(f"{stamp} dbtvenv: {redact(message)}\n")
         self.stream.flush()
+        self._last = time.monotonic()
 
     def info(self, message: str) -> None:
         self._emit(message)
 
     def phase(self, message: str) -> None:
+        self._phase, self._activity = message, ""
+        self._phase_started = time.monotonic()
         self._emit(message)
 
     def detail(self, line: str) -> None:
         """One line of installer output."""
-        if line.startswith(_MILESTONES):
+        self._activity = activity(line) or self._activity
+        if line.startswith(_MILESTONES) or passed_on(line):
             self._emit(line.strip())
 
+    def tick(self) -> None:
+        """Called about once a second while a build runs: a line if the log has been quiet for
+        HEARTBEAT seconds, saying what the build is doing."""
+        now = time.monotonic()
+        if self._phase and now - self._last >= HEARTBEAT:
+            doing = f": {self._activity}" if self._activity else ""
+            self._emit(f"still {self._phase}{doing} ({now - self._phase_started:.0f} s)")
+
     def done(self, message: str) -> None:
+        self._phase = ""
         self._emit(message)
 
     def close(self) -> None:
         """Stop anything live; plain output has nothing to stop."""
+        self._phase = ""
 
 
 REDRAW_INTERVAL = 0.1
@@ -97,6 +153,8 @@ class LiveReporter(Reporter):
     def detail(self, line: str) -> None:
         if not line.strip():
             return
+        if passed_on(line):
+            self.console.print(f"dbtvenv: {redact(line.strip())}", markup=False)
         self._step = redact(line.strip())
         # The live view redraws itself 8 times a second; a new step is shown at once unless
         # the installer is pouring out lines faster than anyone could read them.
@@ -104,6 +162,9 @@ class LiveReporter(Reporter):
         if self._live is not None and now - self._shown >= REDRAW_INTERVAL:
             self._shown = now
             self._live.refresh()
+
+    def tick(self) -> None:
+        """Nothing: the live line shows the elapsed time and the installer's step itself."""
 
     def done(self, message: str) -> None:
         self.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -268,3 +269,50 @@ def test_env_info_lists_dbt(prepared: PreparedEnv, dbtvenv: RunDbtvenv) -> None:
     assert versions["dbt-duckdb"].startswith("1.11."), versions
     assert "duckdb" in versions
     assert info["spec"]["requirements"] == list(REQUIREMENTS)
+
+
+def _as_dbt_1_9_reads_it(project: Path) -> None:
+    """The example is written for dbt 1.11: a 1.9 copy drops the version gate and spells its
+    tests' arguments as dbt before 1.10 reads them (beside the test's name)."""
+    config = project / "dbt_project.yml"
+    config.write_text(re.sub(r"require-dbt-version:.*\n", "", config.read_text()))
+    for schema in project.glob("models/*/schema.yml"):
+        text = re.sub(
+            r"\n( +)arguments:\n((?:\1  .*\n)+)",
+            lambda m: "\n" + re.sub(r"(?m)^  ", "", m.group(2)),
+            schema.read_text(),
+        )
+        schema.write_text(text)
+
+
+def test_an_adapter_pin_builds_the_example_on_its_own_dbt_line(
+    jaffle: Project, tmp_path: Path, dbtvenv: RunDbtvenv
+) -> None:
+    """`dbt-duckdb==1.9` alone: every dbt-duckdb since 1.8 requires only dbt-core>=1.8.0, so
+    without the implied pin this would run the newest dbt-core (or fail to install it)."""
+    _as_dbt_1_9_reads_it(jaffle.dir)
+    cache = tmp_path / "cache"
+    spec = ["--installer", "uv", "--requirements", "dbt-duckdb==1.9", "--venv-dir", str(cache)]
+    result = dbtvenv(
+        "build", *spec, "--", "--profiles-dir", ".", env=jaffle.env, cwd=jaffle.dir, timeout=600
+    )
+    assert result.returncode == 0, result
+    assert "Running with dbt=1.9." in result.out, result
+    assert "PASS=23 WARN=0 ERROR=0 SKIP=0" in result.out, result
+    assert "dbt-duckdb==1.9 asks for the dbt 1.9 line: constraining dbt-core to ~=1.9.0" in (
+        result.err
+    )
+    assert re.search(
+        r"built env \w+ in [\d.]+ s: dbt-core 1\.9\.\d+, dbt-duckdb 1\.9\.0 ", result.err
+    )
+
+    (entry,) = json.loads(dbtvenv("env", "list", "--venv-dir", cache, "--json").out)
+    assert entry["implied_pins"] == ["dbt-core~=1.9.0"]
+    assert entry["dbt_core"].startswith("1.9.") and entry["adapters"] == {"dbt-duckdb": "1.9.0"}
+    manifest = json.loads((Path(entry["path"]) / "dbtvenv.json").read_text())
+    assert manifest["implied_pins"] == ["dbt-core~=1.9.0"]
+    versions = {d["name"].lower(): d["version"] for d in manifest["distributions"]}
+    assert versions["dbt-core"] == entry["dbt_core"]
+    assert (Path(entry["path"]) / "dbtvenv-constraints.txt").read_text().splitlines()[-1] == (
+        "dbt-core~=1.9.0"
+    )

@@ -4,16 +4,25 @@ in one summary line, plain timestamped lines elsewhere; never anything on stdout
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import termios
+import threading
+import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
+import pytest
 from conftest import MakeEnv, RunDbtvenv
+from lockfaults import WheelServer
+
+from dbtvenv import progress
 
 PLAIN_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ dbtvenv: \S.*$")
 COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|4[0-8]|9[0-7]|10[0-7])(?:;\d+)*m")
@@ -170,3 +179,124 @@ def test_a_dbt_run_keeps_stdout_for_dbt_alone(
     assert status == 0, terminal
     assert stdout.count(b"\n") == 1 and stdout.startswith(b'{"argv": ["run", "--select", "x"]')
     assert re.search(r"built temporary env in [\d.]+ s", screen(terminal)[-1])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_quiet_build_gets_a_line_every_15_seconds_saying_what_it_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    out = io.StringIO()
+    reporter = progress.Reporter(out)
+    reporter.phase("installing 1 requirement(s) with pip")
+    reporter.detail("Collecting dbt-postgres==1.8.0")
+    reporter.detail("Building wheels for collected packages: psycopg2")
+    for _ in range(44):  # the installer is silent for 44 s, ticked once a second
+        clock.now += 1
+        reporter.tick()
+    messages = [line.split(" dbtvenv: ", 1)[1] for line in out.getvalue().splitlines()]
+    assert messages == [
+        "installing 1 requirement(s) with pip",
+        "still installing 1 requirement(s) with pip: building psycopg2 from source (15 s)",
+        "still installing 1 requirement(s) with pip: building psycopg2 from source (30 s)",
+    ]
+    reporter.done("built env x in 45.0 s")
+    clock.now += 60
+    reporter.tick()
+    assert out.getvalue().splitlines()[-1].endswith("built env x in 45.0 s"), "none after it"
+
+
+def test_no_heartbeat_on_a_terminal_where_the_live_line_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    out = io.StringIO()
+    reporter = progress.LiveReporter(out)
+    reporter._phase = "installing 1 requirement(s) with pip"  # as phase() sets it, minus rich
+    clock.now += 60
+    reporter.tick()
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("line", "doing"),
+    [
+        ("Collecting dbt-core>=1.8.0 (from dbt-duckdb==1.9)", "resolving (dbt-core>=1.8.0)"),
+        (
+            "  Downloading dbt_core-1.9.11-py3-none-any.whl (943 kB)",
+            "downloading dbt_core-1.9.11-py3-none-any.whl",
+        ),
+        (
+            "  Building wheel for psycopg2 (pyproject.toml): started",
+            "building psycopg2 from source",
+        ),
+        (
+            "INFO: pip is looking at multiple versions of dbt-core to determine which version ...",
+            "resolving (trying other versions of dbt-core)",
+        ),
+        (
+            "Installing collected packages: agate, dbt-core",
+            "installing 2 distributions and compiling their bytecode",
+        ),
+        ("Resolved 54 packages in 1.21s", "downloading and preparing 54 packages"),  # uv
+        ("Building psycopg2==2.9.10", "building psycopg2==2.9.10 from source"),  # uv
+    ],
+)
+def test_what_the_installer_is_doing(line: str, doing: str) -> None:
+    assert progress.activity(line) == doing
+
+
+def test_a_real_build_held_in_its_download_says_it_is_still_going(
+    dbtvenv: RunDbtvenv, cache_dir: Path, wheels: WheelServer
+) -> None:
+    def release_later() -> None:
+        wheels.wait_for_get()
+        time.sleep(progress.HEARTBEAT + 2)
+        wheels.release()
+
+    wheels.hold()
+    releaser = threading.Thread(target=release_later, daemon=True)
+    releaser.start()
+    spec = ["--requirements", "dbt-standin==1.0.0", "--pip-install-options", wheels.pip_options]
+    result = dbtvenv("env", "prepare", "--venv-dir", cache_dir, *spec)
+    releaser.join()
+    assert result.returncode == 0, result
+    lines = result.err.splitlines()
+    assert any(
+        re.search(r"dbtvenv: still installing 1 requirement\(s\) with pip: \S.* \(1\d s\)$", line)
+        for line in lines
+    ), result.err
+    stamps = [datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%SZ") for line in lines]
+    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) <= progress.HEARTBEAT + 2, (gaps, result.err)
+
+
+def test_a_yanked_release_the_installer_warns_of_is_passed_on(
+    dbtvenv: RunDbtvenv, cache_dir: Path, wheelhouse: Path, tmp_path: Path
+) -> None:
+    index = tmp_path / "index"
+    index.mkdir()
+    wheel = "dbt_standin-1.0.0-py3-none-any.whl"
+    shutil.copy(wheelhouse / wheel, index / wheel)
+    (index / "index.html").write_text(
+        f'<html><body><a href="{wheel}" data-yanked="broken on purpose">{wheel}</a></body></html>\n'
+    )
+    with WheelServer(index) as server:
+        spec = ["--requirements", "dbt-standin==1.0.0", "--pip-install-options", server.pip_options]
+        result = dbtvenv("env", "prepare", "--venv-dir", cache_dir, *spec)
+    assert result.returncode == 0, result
+    messages = [line.split(" dbtvenv: ", 1)[1] for line in result.err.splitlines()]
+    assert any(
+        m.startswith("WARNING: The candidate selected for download or install is a yanked version")
+        for m in messages
+    ), result.err
+    assert "Reason for being yanked: broken on purpose" in messages, result.err
