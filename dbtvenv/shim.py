@@ -118,7 +118,8 @@ def write_shim(
         raise UsageError("shim needs --output PATH (where to write it) or --print")
     EnvOptions(**values).spec()  # type: ignore[arg-type]  # a bad spec fails now, not in a task
     options = shim_options(values, given)
-    text = render(options, own_executable())
+    dbtvenv = own_executable()
+    text = render(options, dbtvenv)
     secret = redact(text) != text
     if output is not None:
         path = Path(output).expanduser().absolute()
@@ -131,6 +132,8 @@ def write_shim(
         written = write_executable(path, text, mode)
         reporter = Reporter()
         reporter.info(f"wrote {path} (mode {written:04o}): dbt in the env of this spec")
+        if dbtvenv is None:
+            reporter.info("no dbtvenv program found beside this Python: it runs dbtvenv from PATH")
         if secret:
             reporter.info(
                 f"{path} holds a credential (a URL with user info), so only its owner may "
