@@ -571,7 +571,8 @@ def shim(output: str | None, show: bool, **params: Any) -> int:
     through. Give its path to whatever runs dbt, such as Cosmos's
     ExecutionConfig(dbt_executable_path=...). Where it runs, no variable changes its env
     (DBTVENV_REQUIREMENTS and the like are ignored); DBTVENV_LOCK_TIMEOUT,
-    DBTVENV_INSTALLER (unless given here), DBTVENV_KILL_GRACE and the like still apply.
+    DBTVENV_INSTALLER, DBTVENV_WARM (unless given here), DBTVENV_KILL_GRACE and the like
+    still apply.
 
     It is a POSIX sh script that runs dbtvenv from the path dbtvenv has now, else from PATH.
     Mode 0755 less the umask; 0700 if it holds a credential.

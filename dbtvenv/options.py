@@ -180,6 +180,7 @@ ENV_OPTIONS = (
         "Persistent mode: start dbt as a fork of the env's warm process, which has imported "
         "dbt already (docs/warm.md). Runs dbt directly where that cannot serve.",
         False,
+        names_env=False,
     ),
     EnvOption(
         "--installer",

@@ -13,9 +13,9 @@ The env is fixed: the shim unsets the variables of every option that says which 
 in (`EnvOption.names_env`: requirements, files, venv dir, ...), so a worker's
 `DBTVENV_REQUIREMENTS` meant for other tasks cannot add to the spec of a shim written with a
 requirements file only. The variables of the options about how a run gets there
-(`--lock-timeout`, `--installer`) and dbtvenv's other variables (`DBTVENV_KILL_GRACE`, ...)
-still apply where the shim runs, unless the shim names the option: a named option beats its
-variable, as on any dbtvenv command line.
+(`--lock-timeout`, `--installer`, `--warm`) and dbtvenv's other variables
+(`DBTVENV_KILL_GRACE`, ...) still apply where the shim runs, unless the shim names the option:
+a named option beats its variable, as on any dbtvenv command line.
 """
 
 from __future__ import annotations

@@ -411,3 +411,12 @@ def _current_umask() -> int:
 
 def _dbtvenv_argv() -> list[str]:
     return [str(Path(sys.executable).parent / "dbtvenv")]
+
+
+def test_the_shim_unsets_exactly_the_variables_that_name_the_env() -> None:
+    unset = [line for line in shim.render([], None).splitlines() if line.startswith("unset ")]
+    assert len(unset) == 1
+    names = set(unset[0].split()[1:])
+    assert names == {o.envvar for o in ENV_OPTIONS if o.names_env}
+    assert {"DBTVENV_REQUIREMENTS", "DBTVENV_VENV_DIR", "DBTVENV_PIP_INSTALL_OPTIONS"} <= names
+    assert not names & {"DBTVENV_LOCK_TIMEOUT", "DBTVENV_INSTALLER", "DBTVENV_WARM"}
