@@ -203,6 +203,10 @@ def build_env(
         reporter.info(note)
     for pin in spec.implied_pins:
         reporter.info(pin.reason)
+    # Nothing of an env is writable by anyone but its builder, whatever the user's umask:
+    # others who use it (and the trust check) rely on that.
+    umask = os.umask(0o022)
+    os.umask(umask | 0o022)
     try:
         reporter.phase(f"creating a virtual environment with Python {spec.python.version}")
         _run(
@@ -289,6 +293,7 @@ def build_env(
             ) from None
         raise
     finally:
+        os.umask(umask)
         reporter.close()
     return manifest
 

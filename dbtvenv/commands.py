@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
-from dbtvenv import provision, store
+from dbtvenv import provision, store, trust
 from dbtvenv.errors import EX_NOT_FOUND, DbtvenvError, EnvBusy, EnvNotFound, UsageError
 from dbtvenv.progress import Reporter, make_reporter
 from dbtvenv.settings import DEFAULT_KILL_GRACE, Settings, env_seconds, lock_lease
@@ -377,6 +377,9 @@ def env_rm(
             f"env rm needs the KEY of an env (see 'dbtvenv env list --venv-dir {root}') or --all"
         )
     present = store.env_keys(root)
+    if present:
+        store.check_not_foreign_symlink(root)
+        trust.check_dir_chain(root)
     targets = present if remove_all else list(dict.fromkeys(keys))
     if remove_all and not present:
         Reporter().info(f"no envs in {root}")
@@ -396,7 +399,7 @@ def env_rm(
         try:
             with provision.new_lock(root, key, settings, reporter):
                 store.remove_env(env_dir, force=force)
-        except store.EnvInUse as exc:
+        except (store.EnvInUse, trust.Untrusted) as exc:
             echo_error(exc.message)
             status = exc.exit_code
             continue

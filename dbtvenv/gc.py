@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from dbtvenv import provision, store
+from dbtvenv import provision, store, trust
 from dbtvenv.errors import LockTimeout
 from dbtvenv.lock import EnvLock, read_lock
 from dbtvenv.progress import Reporter
@@ -36,6 +38,8 @@ def collect(
     """
     found: list[Collected] = []
     if root is not None and root.exists():  # a file there is an error, raised by env_keys
+        store.check_not_foreign_symlink(root)
+        trust.check_dir_chain(root)
         found += _envs(root, cutoff, dry_run, reporter)
         found += _stale_locks(root, dry_run)
         found += _leftovers(root, dry_run)
@@ -47,6 +51,19 @@ def _envs(root: Path, cutoff: float, dry_run: bool, reporter: Reporter) -> list[
     found = []
     for key in store.env_keys(root):
         env_dir = root / key
+        try:
+            st = os.lstat(env_dir)
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in trust.trusted_uids():
+            owner = trust.describe_owner(st.st_uid)
+            reporter.info(f"keeping {env_dir}: it is {owner}'s, whom this user does not trust")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            if not dry_run and not _remove_locked(root, key, 0.0, reporter):
+                continue
+            found.append(Collected(env_dir, 0, "a symbolic link in an env's place (not followed)"))
+            continue
         entry = store.describe_env(root, key, with_size=False)
         if entry.complete:
             if (entry.last_used or 0.0) >= cutoff:
@@ -92,14 +109,21 @@ def _remove_locked(root: Path, key: str, cutoff: float, reporter: Reporter) -> b
     except store.EnvInUse:
         reporter.info(f"keeping env {key}: dbt is running in it")
         return False
+    except trust.Untrusted as exc:
+        reporter.info(f"keeping env {key}: {exc.message}")
+        return False
+    except OSError as exc:
+        reporter.info(f"keeping env {key}: cannot remove it ({exc.strerror or exc})")
+        return False
     return True
 
 
 def _stale_locks(root: Path, dry_run: bool) -> list[Collected]:
+    """Stale locks of dbtvenv's own: `<key>.lock` files that parse as a lock, nothing else."""
     found = []
-    for path in sorted(root.glob(f"*{store.LOCK_SUFFIX}")):
+    for path in _own_entries(root, store.LOCK_NAME):
         state = read_lock(path, lease=lock_lease())
-        if state is None or state.stale_reason is None:
+        if state is None or state.stale_reason is None or state.holder is None:
             continue
         size = _file_size(path)
         if not dry_run:
@@ -113,20 +137,35 @@ def _stale_locks(root: Path, dry_run: bool) -> list[Collected]:
 
 
 def _leftovers(root: Path, dry_run: bool) -> list[Collected]:
+    """What removals and writers that were cut short left: dbtvenv's own names only."""
     found = []
-    trash = root / store.TRASH
-    if trash.exists():
-        found.append(Collected(trash, store.dir_size(trash), "half-removed envs"))
-        if not dry_run:
-            store.empty_trash(root)
+    for path in _own_entries(root, store.TRASH_NAME, legacy=store.LEGACY_TRASH):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            found.append(Collected(path, store.dir_size(path), "half-removed env"))
+            if not dry_run:
+                store.remove_tree(path)
     now = time.time()
-    for path in sorted(root.glob(".*.tmp")):
+    for path in _own_entries(root, store.TEMP_NAME):
         with contextlib.suppress(OSError):
-            if now - path.lstat().st_mtime > ORPHAN_TMP_AGE:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > ORPHAN_TMP_AGE:
                 found.append(Collected(path, _file_size(path), "temporary file of a dead writer"))
                 if not dry_run:
                     os.unlink(path)
     return found
+
+
+def _own_entries(root: Path, pattern: re.Pattern[str], legacy: str | None = None) -> list[Path]:
+    """Entries of `root` named as dbtvenv names them and owned by a user this one trusts."""
+    found = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if not (pattern.match(entry.name) or entry.name == legacy):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid in trust.trusted_uids():
+                    found.append(Path(entry.path))
+    return sorted(found)
 
 
 def _temporary_envs(dry_run: bool) -> list[Collected]:

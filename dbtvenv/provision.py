@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbtvenv import dbt_lines, procs, store
+from dbtvenv import dbt_lines, procs, store, trust
 from dbtvenv.errors import EnvBusy, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.settings import Settings
@@ -38,6 +38,7 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
     """
     env_dir = root / spec.key
     store.check_not_foreign_symlink(root)
+    trust.check_dir_chain(root)  # nobody else may swap the cache dir or its envs
     if store.env_problem(env_dir) is None:
         return env_dir
     root = store.open_cache_root(root)
@@ -70,10 +71,7 @@ def _discard(env_dir: Path, reason: str) -> None:
     A half-built env (no manifest) is nobody's to use. A complete one that broke may still
     have a dbt running in it: that one is left alone, never pulled from under it.
     """
-    if env_dir.is_symlink():
-        env_dir.unlink()
-        return
-    complete = (env_dir / store.MANIFEST).is_file()
+    complete = not env_dir.is_symlink() and (env_dir / store.MANIFEST).is_file()
     try:
         store.remove_env(env_dir, force=not complete)
     except store.EnvInUse:

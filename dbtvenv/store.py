@@ -8,11 +8,12 @@ import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dbtvenv import dbt_lines
+from dbtvenv import dbt_lines, trust
 from dbtvenv.errors import DbtvenvError, VenvDirError
 
 MANIFEST = "dbtvenv.json"
@@ -20,8 +21,19 @@ MANIFEST = "dbtvenv.json"
 # the env's last use.
 USE_MARK = "dbtvenv.use"
 LOCK_SUFFIX = ".lock"
-TRASH = ".trash"
+TAG = "CACHEDIR.TAG"
 KEY_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+# Every name dbtvenv itself makes in a cache dir, and nothing else: only these are ever
+# removed by `env gc`, and a dir holding anything else gets no CACHEDIR.TAG.
+_KEY = r"[0-9a-f]{16}"
+_SUFFIX = r"\.\d+\.[0-9a-f]{8}\.tmp"
+LOCK_NAME = re.compile(rf"^{_KEY}\.lock$")
+GUARD_NAME = re.compile(rf"^{_KEY}\.lock\.guard$")
+TEMP_NAME = re.compile(rf"^\.(?:{_KEY}\.lock|{re.escape(TAG)}){_SUFFIX}$")
+# An env being removed: renamed out of its key's place, then deleted.
+TRASH_NAME = re.compile(rf"^\.{_KEY}\.[0-9a-f]{{8}}\.trash$")
+LEGACY_TRASH = ".trash"  # where dbtvenv 0.1 put envs it removed
+_PROBE_NAME = re.compile(r"^\.write-test-\d+-[0-9a-f]{8}$")
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
     "# This file is a cache directory tag created by dbtvenv.\n"
@@ -68,27 +80,43 @@ def check_readable_root(root: Path) -> None:
         raise VenvDirError.not_a_directory(root)
 
 
+def is_own_name(name: str) -> bool:
+    """Whether dbtvenv makes entries of this name in a cache dir."""
+    patterns = (KEY_PATTERN, LOCK_NAME, GUARD_NAME, TEMP_NAME, TRASH_NAME, _PROBE_NAME)
+    return name in (TAG, LEGACY_TRASH) or any(pattern.match(name) for pattern in patterns)
+
+
 def open_cache_root(venv_dir: Path) -> Path:
-    """Create the cache root if needed (private), tag it, and make sure it is writable."""
+    """Create the cache root if needed (private), tag it, and make sure it is writable.
+
+    `CACHEDIR.TAG` goes only into a dir made here, or one holding nothing but dbtvenv's own
+    entries: `--venv-dir .` in a project must not take the project out of backups.
+    """
     root = venv_dir.expanduser().absolute()
     check_not_foreign_symlink(root)
+    created = False
     try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            root.mkdir(mode=0o700)
+        except FileNotFoundError:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700)
+        created = True
     except FileExistsError:
-        raise VenvDirError.not_a_directory(root) from None
+        if not root.is_dir():
+            raise VenvDirError.not_a_directory(root) from None
     except OSError as exc:
         raise VenvDirError(
             f"cannot create venv dir {root}: {exc.strerror}; check the path and the "
             "permissions of the dirs above it, or choose another --venv-dir"
         ) from None
-    if not root.is_dir():
-        raise VenvDirError.not_a_directory(root)
-    tag = root / "CACHEDIR.TAG"
+    trust.check_dir_chain(root)
+    tag = root / TAG
     try:
-        if not tag.exists():
+        if not os.path.lexists(tag) and (created or _holds_only_own_entries(root)):
             _write_atomic(tag, CACHEDIR_TAG.encode())
         probe = root / f".write-test-{os.getpid()}-{os.urandom(4).hex()}"
-        probe.touch()
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as exc:
         raise VenvDirError(
@@ -98,10 +126,17 @@ def open_cache_root(venv_dir: Path) -> Path:
     return root
 
 
+def _holds_only_own_entries(root: Path) -> bool:
+    return all(is_own_name(name) for name in os.listdir(root))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a new private name (O_EXCL: nothing planted there is followed), then rename
+    over `path`, which replaces a planted link rather than writing through it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -113,7 +148,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_manifest(env_dir: Path, manifest: dict[str, Any]) -> None:
-    """The last write of a build: from here on the env is complete."""
+    """The last write of a build: from here on the env is complete.
+
+    The use mark is made first, so that users who may use the env but not write into it
+    (an env root built, read by everyone) can still hold it shared while dbt runs.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(env_dir / USE_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     _write_atomic(env_dir / MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n")
     dir_fd = os.open(env_dir, os.O_RDONLY)
     try:
@@ -134,7 +175,19 @@ def env_problem(env_dir: Path) -> str | None:
     """Why this env cannot be used as it is, or None when it is complete and healthy.
 
     Cheap on purpose (a few stats, no child process): it runs before every dbt command.
+    Raises `trust.Untrusted` for an env that another user built or could have changed: that
+    one is neither used nor rebuilt (which would delete it).
     """
+    try:
+        st = os.lstat(env_dir)
+    except FileNotFoundError:
+        return "no env for this spec yet"
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        return "a symbolic link is in its place"
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        trust.check_env(env_dir)
     try:
         complete = (env_dir / MANIFEST).is_file()
     except PermissionError:
@@ -167,7 +220,7 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
     A read-only cache (an env baked into an image) cannot be marked; it is used all the same.
     """
     try:
-        fd = os.open(env_dir / USE_MARK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = _open_use_mark(env_dir, create=True)
     except FileNotFoundError:
         yield False
         return
@@ -183,7 +236,7 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
         fcntl.flock(fd, fcntl.LOCK_SH)
         # A remover may have taken the env away between our check and our mark (and another
         # process may even have rebuilt it: then our mark is the old env's, in the trash).
-        if not (env_dir / MANIFEST).is_file() or not _same_file(fd, env_dir / USE_MARK):
+        if not (env_dir / MANIFEST).is_file() or not trust.same_file(fd, env_dir / USE_MARK):
             yield False
             return
         with contextlib.suppress(OSError):
@@ -193,27 +246,19 @@ def mark_in_use(env_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+def _open_use_mark(env_dir: Path, *, create: bool) -> int:
+    # Read-write where we may: NFS emulates flock with POSIX locks, and an exclusive one needs
+    # a file open for writing (EBADF otherwise). Read-only is enough for a shared one.
+    return trust.open_regular(env_dir / USE_MARK, what="use mark", create=create)
 
 
 def is_in_use(env_dir: Path) -> bool:
-    # Opened for writing where we may: NFS emulates flock with POSIX locks, and an exclusive
-    # one needs a file open for writing (EBADF otherwise). Read-only is enough elsewhere.
+    if os.path.islink(env_dir):
+        return False  # a link in an env's place is no env of this cache
     try:
-        fd = os.open(env_dir / USE_MARK, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return False
-        try:
-            fd = os.open(env_dir / USE_MARK, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return False
+        fd = _open_use_mark(env_dir, create=False)
+    except (OSError, trust.Untrusted):
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -231,12 +276,23 @@ def last_used(env_dir: Path) -> float | None:
 
 
 def remove_env(env_dir: Path, *, force: bool = False) -> None:
-    """Remove an env; the caller holds its lock. An env in use is refused unless `force`."""
-    if not env_dir.exists():
+    """Remove an env; the caller holds its lock. An env in use is refused unless `force`.
+
+    Only what is dbtvenv's to remove: a symbolic link (or file) in an env's place is removed
+    itself, never what it points to; an env of a user this one does not trust is refused.
+    """
+    try:
+        st = os.lstat(env_dir)
+    except FileNotFoundError:
         return
+    if not stat.S_ISDIR(st.st_mode):
+        remove_entry(env_dir, st, "an env's place")
+        return
+    if st.st_uid not in trust.trusted_uids():
+        raise trust.refuse_owner("env", str(env_dir), st.st_uid, doing="removing")
     fd = None
-    with contextlib.suppress(OSError):
-        fd = os.open(env_dir / USE_MARK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with contextlib.suppress(OSError, trust.Untrusted):
+        fd = _open_use_mark(env_dir, create=True)
     try:
         if fd is not None:
             try:
@@ -250,22 +306,36 @@ def remove_env(env_dir: Path, *, force: bool = False) -> None:
         # Incomplete first, so a run that arrives now goes to the lock and waits for us.
         with contextlib.suppress(FileNotFoundError):
             (env_dir / MANIFEST).unlink()
-        trash = env_dir.parent / TRASH
-        trash.mkdir(exist_ok=True)
-        doomed = trash / f"{env_dir.name}-{os.urandom(4).hex()}"
+        # Out of its key's place in one step; deleting it may take a while (or be cut short:
+        # then `env gc` finishes it).
+        doomed = env_dir.with_name(f".{env_dir.name}.{os.urandom(4).hex()}.trash")
         os.rename(env_dir, doomed)
     finally:
         if fd is not None:
             os.close(fd)
+    remove_tree(doomed)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a dir of dbtvenv's; links inside are removed, never followed (shutil.rmtree
+    works on descriptors here, so a link swapped in meanwhile cannot redirect it)."""
     import shutil
 
-    shutil.rmtree(doomed, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def empty_trash(root: Path) -> None:
-    import shutil
-
-    shutil.rmtree(root / TRASH, ignore_errors=True)
+def remove_entry(path: Path, st: os.stat_result, where: str) -> None:
+    """Unlink a link or file, never its target; one this user may not remove is refused."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise trust.Untrusted(
+            f"{path} is {trust.kind_of(st.st_mode)} owned by {trust.describe_owner(st.st_uid)} "
+            f"in {where}, which this user may not remove; ask its owner or root to remove it, "
+            "or choose another --venv-dir"
+        ) from None
 
 
 def env_keys(root: Path) -> list[str]:
@@ -280,7 +350,13 @@ def env_keys(root: Path) -> list[str]:
         raise VenvDirError(
             f"cannot read venv dir {root}: {exc.strerror}; fix its permissions"
         ) from None
-    return sorted(n for n in names if KEY_PATTERN.match(n) and (root / n).is_dir())
+    # A link in an env's place is listed too (as incomplete), so that gc and rm can remove
+    # it; nothing ever follows it.
+    return sorted(
+        n
+        for n in names
+        if KEY_PATTERN.match(n) and (os.path.islink(root / n) or (root / n).is_dir())
+    )
 
 
 def dir_size(path: Path) -> int:
@@ -422,6 +498,8 @@ def parse_iso(text: object) -> float | None:
 def describe_env(root: Path, key: str, *, with_size: bool = True) -> EnvEntry:
     """What is known about `root/<key>` without locking anything."""
     path = root / key
+    if os.path.islink(path):  # never followed: not an env of this cache
+        return EnvEntry(key, path, None, _mtime(path, follow=False), False, 0)
     manifest = read_manifest(path)
     # Never used by dbt yet: its last use is its creation (or, half-built, its last write).
     used = last_used(path) or _mtime(path / MANIFEST if manifest is not None else path)
@@ -435,9 +513,9 @@ def describe_env(root: Path, key: str, *, with_size: bool = True) -> EnvEntry:
     )
 
 
-def _mtime(path: Path) -> float | None:
+def _mtime(path: Path, *, follow: bool = True) -> float | None:
     try:
-        return os.stat(path).st_mtime
+        return os.stat(path, follow_symlinks=follow).st_mtime
     except OSError:
         return None
 

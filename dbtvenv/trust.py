@@ -76,34 +76,10 @@ def _describe_group(gid: int) -> str:
         return f"group gid {gid}"
 
 
-def _private_group(st: os.stat_result) -> bool:
-    """Whether the file's group is its owner's user private group (the Debian and Red Hat
-    convention behind a umask of 002): named like the owner, the owner's primary group, and
-    listing no member this user does not trust. Then group write is the owner's alone."""
-    import grp
-    import pwd
-
-    try:
-        owner = pwd.getpwuid(st.st_uid)
-        group = grp.getgrgid(st.st_gid)
-    except KeyError:
-        return False
-    if group.gr_name != owner.pw_name or owner.pw_gid != st.st_gid:
-        return False
-    trusted = trusted_uids()
-    for member in group.gr_mem:
-        try:
-            if pwd.getpwnam(member).pw_uid not in trusted:
-                return False
-        except KeyError:
-            return False
-    return True
-
-
-def _refuse_owner(what: str, path: str, uid: int) -> Untrusted:
+def refuse_owner(what: str, path: str, uid: int, *, doing: str = "using") -> Untrusted:
     owner = describe_owner(uid)
     return Untrusted(
-        f"{what} {path} is owned by {owner}, whom dbtvenv does not trust; not using it: "
+        f"{what} {path} is owned by {owner}, whom dbtvenv does not trust; not {doing} it: "
         f"remove it (as its owner or root), add its owner to {TRUSTED_OWNERS_VAR} if you "
         "trust them, or choose another --venv-dir"
     )
@@ -114,7 +90,7 @@ def _writable_by_others(st: os.stat_result) -> str | None:
     mode = st.st_mode
     if mode & stat.S_IWOTH:
         return "every user"
-    if mode & stat.S_IWGRP and not _private_group(st):
+    if mode & stat.S_IWGRP:
         return f"members of {_describe_group(st.st_gid)}"
     return None
 
@@ -126,17 +102,25 @@ def check_entry(what: str, path: str, st: os.stat_result, *, sticky_ok: bool = F
     be writable by others: they can add entries there, never rename or remove ours.
     """
     if st.st_uid not in trusted_uids():
-        raise _refuse_owner(what, path, st.st_uid)
+        raise refuse_owner(what, path, st.st_uid)
     if sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
         return
     writers = _writable_by_others(st)
-    if writers is not None:
-        fix = "chmod +t" if stat.S_ISDIR(st.st_mode) and sticky_ok else "chmod go-w"
+    if writers is None:
+        return
+    shown = (
+        f"{what} {path} (mode {stat.S_IMODE(st.st_mode):04o}, owner {describe_owner(st.st_uid)})"
+    )
+    if sticky_ok and stat.S_ISDIR(st.st_mode):
         raise Untrusted(
-            f"{what} {path} can be changed by {writers} (mode {stat.S_IMODE(st.st_mode):04o}, "
-            f"owner {describe_owner(st.st_uid)}); not using it: {fix} {path} if only trusted "
-            "users should change it, or choose another --venv-dir"
+            f"{shown} lets {writers} rename or replace what is in it; not using it: "
+            f"chmod +t {path} so that each user can change only their own entries, or "
+            f"chmod go-w {path}, or choose another --venv-dir"
         )
+    raise Untrusted(
+        f"{shown} can be changed by {writers}; not using it: remove it, or chmod go-w {path} "
+        "once you know nobody changed it, or choose another --venv-dir"
+    )
 
 
 def check_dir_chain(path: Path, what: str = "venv dir") -> None:
@@ -239,7 +223,7 @@ def open_regular(path: Path, *, what: str, create: bool = False, mode: int = 0o6
             if not stat.S_ISREG(st.st_mode):
                 raise _not_a_file(what, path)
             if st.st_uid not in trusted_uids():
-                raise _refuse_owner(what, str(path), st.st_uid)
+                raise refuse_owner(what, str(path), st.st_uid)
         except BaseException:
             os.close(fd)
             raise
@@ -250,7 +234,7 @@ def open_regular(path: Path, *, what: str, create: bool = False, mode: int = 0o6
 def _not_a_file(what: str, path: Path) -> Untrusted:
     try:
         st = os.lstat(path)
-        kind = _kind(st.st_mode)
+        kind = kind_of(st.st_mode)
         owner = f" owned by {describe_owner(st.st_uid)}"
     except OSError:
         kind, owner = "not a regular file", ""
@@ -260,7 +244,7 @@ def _not_a_file(what: str, path: Path) -> Untrusted:
     )
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_ISDIR(mode):

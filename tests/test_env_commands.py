@@ -213,7 +213,8 @@ def three_envs(
     now = time.time()
     set_last_use(envs["old"], now - 3 * 86400 - 60)
     set_last_use(envs["recent"], now - 2 * 3600 - 60)
-    (envs["broken"] / "dbtvenv.json").unlink()
+    for name in ("dbtvenv.json", "dbtvenv.use"):  # as a build killed before it finished
+        (envs["broken"] / name).unlink()
     os.utime(envs["broken"], (now - 7 * 86400, now - 7 * 86400))
     return cache, envs
 

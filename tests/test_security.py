@@ -67,13 +67,14 @@ def test_cache_root_is_created_private(
     result = dbtvenv("env", "prepare", "--venv-dir", cache, env=standin_env)
     assert result.returncode == 0, result
     assert _mode(cache) == 0o700
-    # an existing dir keeps the mode its owner gave it (a shared cache, say)
+    # an existing dir keeps the mode its owner gave it (a team's cache: sticky, see
+    # docs/security.md; without the sticky bit it is refused, see tests/test_trust.py)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
-    shared.chmod(0o2775)
+    shared.chmod(0o3775)
     result = dbtvenv("env", "prepare", "--venv-dir", shared, env=standin_env)
     assert result.returncode == 0, result
-    assert _mode(shared) == 0o2775
+    assert _mode(shared) == 0o3775
 
 
 def test_temporary_env_dir_is_private(
