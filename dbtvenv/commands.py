@@ -113,6 +113,7 @@ def env_prepare(options: EnvOptions) -> int:
     spec = options.spec()
     reporter = make_reporter()
     try:
+        provision.check_cache_root(root)
         ready = store.env_problem(root / spec.key) is None
         env_dir = provision.ensure_env(root, spec, options.settings(), reporter)
         if ready:
@@ -378,8 +379,7 @@ def env_rm(
         )
     present = store.env_keys(root)
     if present:
-        store.check_not_foreign_symlink(root)
-        trust.check_dir_chain(root)
+        provision.check_cache_root(root)
     targets = present if remove_all else list(dict.fromkeys(keys))
     if remove_all and not present:
         Reporter().info(f"no envs in {root}")

@@ -38,8 +38,7 @@ def collect(
     """
     found: list[Collected] = []
     if root is not None and root.exists():  # a file there is an error, raised by env_keys
-        store.check_not_foreign_symlink(root)
-        trust.check_dir_chain(root)
+        provision.check_cache_root(root)
         found += _envs(root, cutoff, dry_run, reporter)
         found += _stale_locks(root, dry_run)
         found += _leftovers(root, dry_run)
@@ -55,14 +54,14 @@ def _envs(root: Path, cutoff: float, dry_run: bool, reporter: Reporter) -> list[
             st = os.lstat(env_dir)
         except FileNotFoundError:
             continue
-        if st.st_uid not in trust.trusted_uids():
-            owner = trust.describe_owner(st.st_uid)
-            reporter.info(f"keeping {env_dir}: it is {owner}'s, whom this user does not trust")
-            continue
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):  # no env, whoever made it: the link goes, not its target
             if not dry_run and not _remove_locked(root, key, 0.0, reporter):
                 continue
             found.append(Collected(env_dir, 0, "a symbolic link in an env's place (not followed)"))
+            continue
+        if st.st_uid not in trust.trusted_uids():
+            owner = trust.describe_owner(st.st_uid)
+            reporter.info(f"keeping {env_dir}: it is {owner}'s, whom this user does not trust")
             continue
         entry = store.describe_env(root, key, with_size=False)
         if entry.complete:
@@ -139,7 +138,7 @@ def _stale_locks(root: Path, dry_run: bool) -> list[Collected]:
 def _leftovers(root: Path, dry_run: bool) -> list[Collected]:
     """What removals and writers that were cut short left: dbtvenv's own names only."""
     found = []
-    for path in _own_entries(root, store.TRASH_NAME, legacy=store.LEGACY_TRASH):
+    for path in _own_entries(root, store.TRASH_NAME):
         if stat.S_ISDIR(os.lstat(path).st_mode):
             found.append(Collected(path, store.dir_size(path), "half-removed env"))
             if not dry_run:
@@ -155,12 +154,12 @@ def _leftovers(root: Path, dry_run: bool) -> list[Collected]:
     return found
 
 
-def _own_entries(root: Path, pattern: re.Pattern[str], legacy: str | None = None) -> list[Path]:
+def _own_entries(root: Path, pattern: re.Pattern[str]) -> list[Path]:
     """Entries of `root` named as dbtvenv names them and owned by a user this one trusts."""
     found = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if not (pattern.match(entry.name) or entry.name == legacy):
+            if not pattern.match(entry.name):
                 continue
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid in trust.trusted_uids():

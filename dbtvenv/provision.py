@@ -37,8 +37,7 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
     A complete env is returned without touching the lock.
     """
     env_dir = root / spec.key
-    store.check_not_foreign_symlink(root)
-    trust.check_dir_chain(root)  # nobody else may swap the cache dir or its envs
+    check_cache_root(root)
     if store.env_problem(env_dir) is None:
         return env_dir
     root = store.open_cache_root(root)
@@ -52,6 +51,12 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
         # The lease is renewed by the lock's own thread; the build only checks it still holds it.
         _build(env_dir, spec, settings, reporter, on_tick=lock.check)
     return env_dir
+
+
+def check_cache_root(root: Path) -> None:
+    """Refuse a cache dir that another user could swap, or swap envs in (trust.py)."""
+    store.check_not_foreign_symlink(root)
+    trust.check_dir_chain(root)
 
 
 def new_lock(root: Path, key: str, settings: Settings, reporter: Reporter) -> EnvLock:

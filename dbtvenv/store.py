@@ -32,7 +32,6 @@ GUARD_NAME = re.compile(rf"^{_KEY}\.lock\.guard$")
 TEMP_NAME = re.compile(rf"^\.(?:{_KEY}\.lock|{re.escape(TAG)}){_SUFFIX}$")
 # An env being removed: renamed out of its key's place, then deleted.
 TRASH_NAME = re.compile(rf"^\.{_KEY}\.[0-9a-f]{{8}}\.trash$")
-LEGACY_TRASH = ".trash"  # where dbtvenv 0.1 put envs it removed
 _PROBE_NAME = re.compile(r"^\.write-test-\d+-[0-9a-f]{8}$")
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -83,7 +82,7 @@ def check_readable_root(root: Path) -> None:
 def is_own_name(name: str) -> bool:
     """Whether dbtvenv makes entries of this name in a cache dir."""
     patterns = (KEY_PATTERN, LOCK_NAME, GUARD_NAME, TEMP_NAME, TRASH_NAME, _PROBE_NAME)
-    return name in (TAG, LEGACY_TRASH) or any(pattern.match(name) for pattern in patterns)
+    return name == TAG or any(pattern.match(name) for pattern in patterns)
 
 
 def open_cache_root(venv_dir: Path) -> Path:

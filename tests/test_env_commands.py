@@ -380,7 +380,7 @@ def test_rm_force_removes_an_env_in_use(
         assert "was in use" in forced.err
         assert not env_dir.exists()
         assert env_list(dbtvenv, cache_dir) == []
-        assert not (cache_dir / ".trash").exists() or not any((cache_dir / ".trash").iterdir())
+        assert not list(cache_dir.glob(".*.trash"))
 
 
 def test_rm_all_unknown_keys_and_usage(

@@ -74,14 +74,15 @@ def test_gc_removes_old_and_incomplete_envs_stale_locks_and_trash(
     plant_lock(cache_dir / f"{building.name}.lock", pid=me.pid, create_time=me.create_time())
     stale = cache_dir / "00000000000000bb.lock"
     plant_lock(stale, pid=dead_pid(), create_time=time.time() - 5)
-    (cache_dir / ".trash" / "0000000000000cc-1234").mkdir(parents=True)
-    (cache_dir / ".trash" / "0000000000000cc-1234" / "f").write_bytes(b"x" * 10000)
+    trash = cache_dir / ".00000000000000cc.0123abcd.trash"  # a removal cut short
+    (trash / "bin").mkdir(parents=True)
+    (trash / "bin" / "f").write_bytes(b"x" * 10000)
     before = sorted(p.name for p in cache_dir.iterdir())
 
     dry = gc(dbtvenv, tmpdir_env, "--venv-dir", cache_dir, "--dry-run")
     assert sorted(p.name for p in cache_dir.iterdir()) == before, "a dry run removes nothing"
     would = report(dry)
-    assert set(would) == {str(old), str(crashed), str(stale), str(cache_dir / ".trash"), "total"}
+    assert set(would) == {str(old), str(crashed), str(stale), str(trash), "total"}
     assert would[str(old)][1].startswith("not used since ")
     assert re.fullmatch(r"\d+\.\d KiB", would[str(old)][0])
     assert "incomplete" in would[str(crashed)][1]
@@ -95,7 +96,7 @@ def test_gc_removes_old_and_incomplete_envs_stale_locks_and_trash(
     assert set(removed) == set(would)
     assert re.fullmatch(r"freed \d+\.\d KiB \(4 items\)", removed["total"][0])
     assert not old.exists() and not crashed.exists() and not stale.exists()
-    assert not (cache_dir / ".trash").exists()
+    assert not trash.exists()
     assert (recent / "dbtvenv.json").is_file(), "used within 30 days: kept"
     assert building.is_dir(), "a live builder's env is kept"
     assert (cache_dir / f"{building.name}.lock").is_file(), "a live lock is kept"

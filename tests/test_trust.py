@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Result
-from users import ALICE, BOB, SHARE, PublicDbtvenv, can_switch_users
+from users import ALICE, BOB, CAROL, SHARE, PublicDbtvenv, can_switch_users
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux users and file modes")
 
@@ -95,3 +95,257 @@ def test_a_planted_lock_guard_is_never_followed_or_opened(
     assert_intact(thesis)
     assert not env_dir.exists()
     assert os.lstat(guard).st_uid == BOB  # not ours: left where it is
+
+
+# --- planted envs ---------------------------------------------------------------------------
+
+
+def plant_env(
+    users: PublicDbtvenv, uid: int, env_dir: Path, marker: Path, groups: tuple[int, ...] = ()
+) -> None:
+    """What bob leaves where alice's env of that spec belongs: a complete, healthy-looking
+    env whose `dbt` is his shell script."""
+    users.shell(
+        uid,
+        f"""
+        mkdir -p {env_dir}/bin
+        printf '#!/bin/sh\\ntouch {marker}\\necho "{{}}"\\n' > {env_dir}/bin/dbt
+        chmod 755 {env_dir}/bin/dbt
+        ln -s /usr/bin/python3 {env_dir}/bin/python
+        echo 'home = /usr/bin' > {env_dir}/pyvenv.cfg
+        echo '{{}}' > {env_dir}/dbtvenv.json
+        """,
+        groups=groups,
+    )
+
+
+# name: (owner of the cache dir, its group, its mode, what alice's refusal names)
+LAYOUTS = {
+    "alice's 1777 dir": (ALICE, ALICE, 0o1777, "env"),
+    "bob's 1777 dir": (BOB, BOB, 0o1777, "owner"),
+    "group dir 2775": (0, SHARE, 0o2775, "group"),
+    "team dir 3775": (0, SHARE, 0o3775, "env"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_env_another_user_planted_is_never_run_or_deleted(
+    users: PublicDbtvenv, layout: str
+) -> None:
+    owner, group, mode, refused = LAYOUTS[layout]
+    cache = users.shared_dir(f"planted-{mode:o}-{owner}", mode, uid=owner, gid=group)
+    groups = (SHARE,)
+    env_dir = env_path(users, BOB, cache, groups)  # bob computes alice's key, as she would
+    assert env_dir == env_path(users, ALICE, cache, groups)
+    marker = users.base / f"pwned-{mode:o}-{owner}"
+    plant_env(users, BOB, env_dir, marker, groups)
+
+    for args in (
+        ["run", "--venv-dir", cache, "--select", "x"],
+        ["env", "prepare", "--venv-dir", cache],
+    ):
+        result = users.run(ALICE, *args, groups=groups)
+        assert result.returncode == 73, result
+        error = one_error(result)
+        if refused == "env":  # the dir is fine; bob's env in it is not
+            assert f"env {env_dir} is owned by uid {BOB}" in error, error
+            assert "does not trust" in error and "DBTVENV_TRUSTED_OWNERS" in error, error
+        elif refused == "owner":  # bob owns the dir: he may rename anything in it
+            assert f"venv dir {cache} is owned by uid {BOB}" in error, error
+        else:  # without the sticky bit every member of the group may swap alice's envs
+            assert f"venv dir {cache} (mode 2775" in error, error
+            assert f"lets members of group gid {SHARE}" in error and "chmod +t" in error, error
+        assert not marker.exists(), "bob's dbt ran as alice"
+
+    for args in (["env", "gc", "--older-than", "0s"], ["env", "rm", "--all"]):
+        users.run(ALICE, *args, "--venv-dir", cache, groups=groups)
+        assert (env_dir / "bin" / "dbt").is_file(), f"{args} deleted bob's env"
+        assert not marker.exists()
+
+
+def test_an_env_others_can_write_is_refused(users: PublicDbtvenv) -> None:
+    """alice's own env, but bob could have changed it since: its site-packages or its dbt
+    became writable by other users."""
+    cache = users.shared_dir("writable", 0o700, uid=ALICE, gid=ALICE)
+    built = users.run(ALICE, "env", "prepare", "--venv-dir", cache)
+    assert built.returncode == 0, built
+    env_dir = Path(built.out.strip())
+    (site,) = env_dir.glob("lib/python*/site-packages")
+    for path, mode in ((site, 0o777), (env_dir / "bin" / "dbt", 0o775)):
+        original = stat.S_IMODE(path.stat().st_mode)
+        path.chmod(mode)
+        result = users.run(ALICE, "run", "--venv-dir", cache)
+        assert result.returncode == 73, result
+        error = one_error(result)
+        assert f"{path} (mode {mode:04o}, owner uid {ALICE}) can be changed by" in error, error
+        path.chmod(original)
+    assert users.run(ALICE, "run", "--venv-dir", cache).returncode == 0
+
+
+def test_alice_builds_safe_envs_whatever_her_umask(users: PublicDbtvenv) -> None:
+    """With a umask of 000 every file pip makes would be writable by everyone: dbtvenv masks
+    group and other write off while it builds, so the env passes its own trust check."""
+    cache = users.shared_dir("umask", 0o755, uid=ALICE, gid=ALICE)
+    result = users.run(ALICE, "run", "--venv-dir", cache, umask=0)
+    assert result.returncode == 0, result
+    env_dir = cache / result.json()["prefix"].rsplit("/", 1)[-1]
+    modes = {stat.S_IMODE(p.lstat().st_mode) for p in env_dir.rglob("*") if not p.is_symlink()}
+    assert not [oct(m) for m in modes if m & 0o022], "group or other write in the env"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+
+
+# --- sharing a cache safely -------------------------------------------------------------------
+
+
+def test_a_team_shares_a_sticky_dir_and_names_whom_it_trusts(users: PublicDbtvenv) -> None:
+    """docs/security.md's team recipe: a root-owned 3775 dir of the team's group; carol
+    builds, alice uses carol's env once she trusts carol (DBTVENV_TRUSTED_OWNERS), and is
+    refused it before."""
+    cache = users.shared_dir("team", 0o3775, uid=0, gid=SHARE)
+    groups = (SHARE,)
+    built = users.run(CAROL, "env", "prepare", "--venv-dir", cache, groups=groups)
+    assert built.returncode == 0, built
+    env_dir = Path(built.out.strip())
+    assert env_dir.stat().st_uid == CAROL and env_dir.stat().st_gid == SHARE  # setgid dir
+
+    refused = users.run(ALICE, "run", "--venv-dir", cache, groups=groups)
+    assert refused.returncode == 73, refused
+    assert f"is owned by uid {CAROL}" in one_error(refused)
+
+    trusting = {"DBTVENV_TRUSTED_OWNERS": f"{CAROL}"}
+    used = users.run(ALICE, "run", "--venv-dir", cache, groups=groups, env=trusting)
+    assert used.returncode == 0, used
+    assert used.json()["prefix"] == str(env_dir)
+    assert "building" not in used.err, "carol's env is used, not rebuilt"
+
+    # The same for a second spec: alice builds it, carol (trusting alice) uses it.
+    second = {"DBTVENV_REQUIREMENTS": "dbt-standin==2.0.0"}
+    mine = users.run(ALICE, "env", "prepare", "--venv-dir", cache, groups=groups, env=second)
+    assert mine.returncode == 0, mine
+    theirs = users.run(
+        CAROL, "run", "--venv-dir", cache, groups=groups,
+        env={**second, "DBTVENV_TRUSTED_OWNERS": "41011"},
+    )  # fmt: skip
+    assert theirs.returncode == 0 and "building" not in theirs.err, theirs
+
+
+def test_a_bad_trusted_owners_setting_is_a_usage_error(users: PublicDbtvenv) -> None:
+    cache = users.shared_dir("bad-setting", 0o700, uid=ALICE, gid=ALICE)
+    result = users.run(
+        ALICE, "run", "--venv-dir", cache, env={"DBTVENV_TRUSTED_OWNERS": "no-such-user-x"}
+    )
+    assert result.returncode == 64, result
+    assert "DBTVENV_TRUSTED_OWNERS names 'no-such-user-x'" in one_error(result)
+
+
+def test_an_env_root_built_is_used_by_another_user(users: PublicDbtvenv) -> None:
+    """README's Dockerfile recipe: root makes the dir and builds the env at image build
+    time; the image's runtime user runs dbt from it (and cannot change it)."""
+    cache = users.base / "shared" / "opt-dbtvenv"
+    built = users.run(0, "env", "prepare", "--venv-dir", cache)  # mkdir -p by dbtvenv: 0700
+    assert built.returncode == 0, built
+    cache.chmod(0o755)  # as `mkdir -p` beforehand makes it
+    env_dir = Path(built.out.strip())
+    ran = users.run(ALICE, "run", "--venv-dir", cache)
+    assert ran.returncode == 0, ran
+    assert ran.json()["prefix"] == str(env_dir) and "building" not in ran.err
+    listed = users.run(ALICE, "env", "list", "--venv-dir", cache, "--json")
+    assert listed.returncode == 0 and env_dir.name in listed.out, listed
+
+
+# --- env gc and env rm remove only dbtvenv's own entries ------------------------------------
+
+
+def test_a_project_dir_as_venv_dir_loses_nothing_but_dbtvenvs_own_entries(
+    users: PublicDbtvenv,
+) -> None:
+    """`--venv-dir .` in a project: the project keeps its backups (no CACHEDIR.TAG) and gc and
+    rm take only the env and dbtvenv's own files, however old and lock- or temp-like the
+    project's files look."""
+    project = users.shared_dir("project", 0o755, uid=ALICE, gid=ALICE)
+    day_ago = time.time() - 86400
+    files = {
+        "dbt_project.yml": "name: jaffle\n",
+        "poetry.lock": "# This file is automatically @generated by Poetry\n",
+        "0123456789abcdef.lock": "not a lock of dbtvenv's\n",
+        ".notes.tmp": "draft\n",
+        ".trash/keep.txt": "the project's own trash\n",
+    }
+    for name, text in files.items():
+        path = project / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    for path in project.rglob("*"):
+        os.chown(path, ALICE, ALICE)
+        os.utime(path, (day_ago, day_ago))
+
+    built = users.run(ALICE, "env", "prepare", "--venv-dir", ".", cwd=project)
+    assert built.returncode == 0, built
+    env_dir = Path(built.out.strip())
+    assert env_dir.parent == project
+    assert not (project / "CACHEDIR.TAG").exists(), "the project would drop out of backups"
+
+    gc = users.run(ALICE, "env", "gc", "--venv-dir", ".", "--older-than", "0s", cwd=project)
+    assert gc.returncode == 0, gc
+    assert str(env_dir) in gc.out and not env_dir.exists(), gc
+    assert users.run(ALICE, "env", "prepare", "--venv-dir", ".", cwd=project).returncode == 0
+    rm = users.run(ALICE, "env", "rm", "--venv-dir", ".", "--all", cwd=project)
+    assert rm.returncode == 0 and not env_dir.exists(), rm
+    left = {str(p.relative_to(project)): p.read_text() for p in project.rglob("*") if p.is_file()}
+    assert {k: v for k, v in left.items() if not k.endswith(".guard")} == files
+
+
+def test_cachedir_tag_goes_only_into_dirs_of_dbtvenvs_own(users: PublicDbtvenv) -> None:
+    made = users.home(ALICE) / "made-by-dbtvenv"
+    empty = users.shared_dir("empty", 0o755, uid=ALICE, gid=ALICE)
+    for cache in (made, empty):
+        built = users.run(ALICE, "env", "prepare", "--venv-dir", cache)
+        assert built.returncode == 0, built
+        assert (cache / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172")
+    # A cache that lost its tag but holds only dbtvenv's entries gets it back with a build.
+    (empty / "CACHEDIR.TAG").unlink()
+    second = {"DBTVENV_REQUIREMENTS": "dbt-standin==2.0.0"}
+    assert users.run(ALICE, "env", "prepare", "--venv-dir", empty, env=second).returncode == 0
+    assert (empty / "CACHEDIR.TAG").is_file()
+
+
+@pytest.mark.parametrize("whose", ["alice's own link", "bob's link in a 1777 dir"])
+def test_a_symlink_in_an_envs_place_is_removed_itself_never_followed(
+    users: PublicDbtvenv, whose: str
+) -> None:
+    """`DIR/<key>` links to alice's env in another cache of hers: rm, gc and run remove the
+    link, never what it points to; bob's link in root's sticky dir, which alice may not
+    remove, is refused (rm, run) or kept (gc), and never followed either."""
+    other = users.shared_dir(f"other-{whose[:3]}", 0o700, uid=ALICE, gid=ALICE)
+    built = users.run(ALICE, "env", "prepare", "--venv-dir", other)
+    assert built.returncode == 0, built
+    target = Path(built.out.strip())
+    precious = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    bobs = whose.startswith("bob")
+    cache = users.shared_dir(
+        f"linked-{whose[:3]}", 0o1777 if bobs else 0o700, uid=0 if bobs else ALICE
+    )
+    link = cache / target.name
+
+    def plant() -> None:
+        users.shell(BOB if bobs else ALICE, f"ln -s {target} {link}")
+
+    for args in (
+        ["env", "rm", "--venv-dir", cache, target.name],
+        ["env", "gc", "--venv-dir", cache, "--older-than", "0s"],
+        ["run", "--venv-dir", cache],
+    ):
+        if not link.is_symlink():
+            plant()
+        result = users.run(ALICE, *args)
+        if bobs:
+            assert link.is_symlink(), f"{args}: alice removed bob's link"
+            if args[0] != "env" or args[1] == "rm":
+                assert result.returncode == 73, result
+                assert f"{link} is a symbolic link owned by uid {BOB}" in one_error(result)
+        else:
+            assert result.returncode == 0, result
+            assert not link.is_symlink(), f"{args} left the link"
+        assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == precious
+    if not bobs:  # `run` built a real env of its own in the link's place
+        assert (link / "dbtvenv.json").is_file() and not link.is_symlink()

@@ -92,13 +92,14 @@ class PublicDbtvenv:
         groups: Sequence[int] = (),
         env: Mapping[str, str] | None = None,
         umask: int = 0o022,
+        cwd: Path | None = None,
         timeout: float = 180,
     ) -> Result:
         """`dbtvenv ARGS` as user `uid` (its group: the same number), from its home dir."""
         done = subprocess.run(
             [*self.command(uid, groups), *(os.fspath(a) for a in args)],
             env=self.environ(uid, env),
-            cwd=self.home(uid),
+            cwd=cwd or self.home(uid),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
