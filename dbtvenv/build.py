@@ -3,6 +3,7 @@ the manifest, written last. Installers are pip (the default) and uv."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dbtvenv import __version__, dbt_lines, prereleases, procs
+from dbtvenv import __version__, credentials, dbt_lines, prereleases, procs
 from dbtvenv.compat import explain_failure, repairs, source_build_note
 from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
@@ -131,7 +132,17 @@ def _host_pip_runner() -> str | None:
     return str(runner) if runner.is_file() else None
 
 
-def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str]:
+def install_command(
+    installer: str,
+    env_python: Path,
+    spec: EnvSpec,
+    public: credentials.InstallerArgs | None = None,
+    private_file: Path | None = None,
+) -> list[str]:
+    """The installer's command line; `public` is what of the options and requirements may be
+    on it (credentials.split), `private_file` the private requirements file with the rest."""
+    if public is None:
+        public = credentials.split(spec.pip_install_options, spec.requirements, installer=installer)
     args: list[str] = []
     for f in spec.requirements_files:
         args += ["-r", str(f.path)]
@@ -139,6 +150,8 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
         args += ["-c", str(f.path)]
     if spec.implied_pins:
         args += ["-c", str(env_python.parent.parent / dbt_lines.CONSTRAINTS_FILE)]
+    if private_file is not None:
+        args += ["-r", str(private_file)]
     if installer == "uv":
         return [
             find_uv(),
@@ -149,10 +162,10 @@ def install_command(installer: str, env_python: Path, spec: EnvSpec) -> list[str
             "--compile-bytecode",
             *prereleases.uv_options(spec),
             *args,
-            *uv_pip_options(spec.pip_install_options),
-            *spec.requirements,
+            *uv_pip_options(public.options),
+            *public.requirements,
         ]
-    args += [*spec.pip_install_options, *spec.requirements]
+    args += [*public.options, *public.requirements]
     host_pip = _host_pip(spec.python.version)
     pip = [*host_pip, "--python", str(env_python)] if host_pip else [str(env_python), "-m", "pip"]
     runner = _host_pip_runner() if host_pip else None
@@ -225,16 +238,17 @@ def build_env(
             )
         count = len(spec.requirements) + len(spec.requirements_files)
         reporter.phase(f"installing {count} requirement(s) with {installer}")
-        _run(
-            install_command(installer, env_python, spec),
-            env,
-            reporter,
-            on_tick,
-            tick,
-            what=installer,
-            where=env_dir.parent,
-            spec=spec,
+        install = functools.partial(
+            _install,
+            installer,
+            env_python,
+            env=env,
+            reporter=reporter,
+            on_tick=on_tick,
+            tick=tick,
+            about=spec,
         )
+        install(spec)
         reporter.phase("verifying dbt")
         if not os.access(env_dir / "bin" / "dbt", os.X_OK):
             raise BuildError(
@@ -249,16 +263,7 @@ def build_env(
             repaired = spec._replace(
                 requirements=(*spec.requirements, *(fix.requirement for fix in fixes))
             )
-            _run(
-                install_command(installer, env_python, repaired),
-                env,
-                reporter,
-                on_tick,
-                tick,
-                what=installer,
-                where=env_dir.parent,
-                spec=spec,
-            )
+            install(repaired)
             distributions = _list_distributions(env_python, env)
         if prereleases.asked_for(spec) is None:
             unasked = prereleases.unasked(distributions, lambda: _list_requires(env_python, env))
@@ -296,6 +301,34 @@ def build_env(
         os.umask(umask)
         reporter.close()
     return manifest
+
+
+def _install(
+    installer: str,
+    env_python: Path,
+    spec: EnvSpec,
+    *,
+    env: dict[str, str],
+    reporter: Reporter,
+    on_tick: Callable[[], None],
+    tick: float,
+    about: EnvSpec,
+) -> None:
+    """One installer run of `spec` (the user's spec is `about`, for failure messages);
+    credentials go through a private file or the environment."""
+    env_dir = env_python.parent.parent
+    public = credentials.split(spec.pip_install_options, spec.requirements, installer=installer)
+    with credentials.private_file(public, env_dir) as private:
+        _run(
+            install_command(installer, env_python, spec, public, private),
+            {**env, **public.environ},
+            reporter,
+            on_tick,
+            tick,
+            what=installer,
+            where=env_dir.parent,
+            spec=about,
+        )
 
 
 def _run(

@@ -188,6 +188,12 @@ def test_credentials_in_a_requirement_url_are_not_part_of_the_key() -> None:
         ("https://host/simple", "https://host/simple"),
         ("see https://host/a?x=@y", "see https://host/a?x=@y"),
         ("user@example.com wrote", "user@example.com wrote"),
+        # every character RFC 3986 allows in a userinfo, and `:` in the password
+        ("https://u:pa'ss@h/s", "https://***@h/s"),
+        ("https://u:!$&'()*+,;=%41~-._:x@h/s", "https://***@h/s"),
+        ("'https://u:t@h'", "'https://***@h'"),
+        ("--proxy 'u:p@h:1'", "--proxy '***@h:1'"),
+        ("http://host/x https://u:t@h/y", "http://host/x https://***@h/y"),
     ],
 )
 def test_redact(text: str, shown: str) -> None:

@@ -5,6 +5,7 @@ throw-away uids, see tests/users.py) against dirs they can really write."""
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 import time
@@ -12,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Result
+from conftest import MakeEnv, Result, RunDbtvenv
+from lockfaults import STANDIN_WHEEL, Background, WheelServer
 from users import ALICE, BOB, CAROL, SHARE, PublicDbtvenv, can_switch_users
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux users and file modes")
@@ -349,3 +351,142 @@ def test_a_symlink_in_an_envs_place_is_removed_itself_never_followed(
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == precious
     if not bobs:  # `run` built a real env of its own in the link's place
         assert (link / "dbtvenv.json").is_file() and not link.is_symlink()
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+# Every character RFC 3986 allows in a userinfo, an escape, and `:` in the password.
+ODD_PASSWORD = "pa'ss!$&()*+,;=%40~-._:x"
+
+
+def test_a_password_with_any_userinfo_character_is_hidden_everywhere(
+    dbtvenv: RunDbtvenv, tmp_path: Path, wheelhouse: Path
+) -> None:
+    cache = tmp_path / "cache"
+    index = shlex.quote(f"https://ci-user:{ODD_PASSWORD}@127.0.0.1:9/simple")
+    options = f"--extra-index-url {index} --no-index --find-links {wheelhouse}"
+    spec = {"DBTVENV_REQUIREMENTS": "dbt-standin==1.0.0", "DBTVENV_PIP_INSTALL_OPTIONS": options}
+    outputs = [
+        dbtvenv("env", "prepare", "--venv-dir", cache, env=spec),
+        dbtvenv("env", "info", "--venv-dir", cache, env=spec),
+        dbtvenv("env", "info", "--json", "--venv-dir", cache, env=spec),
+        dbtvenv("env", "list", "--json", "--venv-dir", cache, env=spec),
+        dbtvenv("run", "--venv-dir", cache, "--requirements", "dbt-nope==9", env=spec),
+    ]
+    assert [r.returncode for r in outputs] == [0, 0, 0, 0, 69], outputs
+    assert "https://***@127.0.0.1:9/simple" in outputs[1].out, outputs[1]
+    for result in outputs:
+        for secret in (ODD_PASSWORD, "pa'ss", "%40~"):
+            assert secret not in result.out and secret not in result.err, result
+    for path in cache.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert b"pa'ss" not in path.read_bytes(), path
+
+
+def test_redaction_is_linear_in_the_length_of_its_input() -> None:
+    """A 100,000-character requirement took 33 s to redact: a regular expression that
+    backtracked. Compared by size rather than against a clock: ten times the input must cost
+    about ten times as much (a quadratic redactor costs a hundred times)."""
+    from dbtvenv.redact import redact_all
+
+    def cost(size: int, unit: str) -> float:
+        text = unit * (size // len(unit))
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            redact_all([text, f"--proxy {text}"])
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    for unit in ("a", "https://a", "a://", "x:y@", "--proxy a:b", "a" * 50 + "@"):
+        small = cost(100_000, unit)
+        assert small < 2.0, f"{unit!r}: {small:.2f} s for 100,000 characters"
+        large = cost(1_000_000, unit)
+        assert large < 30 * small + 0.05, f"{unit!r}: {small:.4f} s -> {large:.4f} s"
+
+
+def test_env_path_of_a_huge_requirement_answers_at_once(dbtvenv: RunDbtvenv) -> None:
+    huge = "dbt-x @ https://" + "a" * 100_000
+    result = dbtvenv(
+        "env", "path", "--venv-dir", "/nonexistent", "--requirements", huge, timeout=30
+    )
+    assert result.returncode == 0, result
+
+
+def _cmdlines_with(token: bytes) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if token in cmdline:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("installer", "where"), [("pip", "index"), ("pip", "requirement"), ("uv", "index")]
+)
+def test_a_token_never_reaches_a_command_line_other_users_can_read(
+    dbtvenv_cmd: list[str],
+    make_env: MakeEnv,
+    tmp_path: Path,
+    wheels: WheelServer,
+    installer: str,
+    where: str,
+) -> None:
+    """Any local user reads every process's /proc/PID/cmdline. A build whose index (or
+    requirement) URL carries a token is held inside its download by the local wheel server,
+    while every process's command line is scanned for the token, again and again."""
+    token = f"tok-{os.urandom(8).hex()}"
+    authed = wheels.url.replace("http://", f"http://ci:{token}@")
+    if where == "index":
+        requirement = "dbt-standin==1.0.0"
+        options = f"--no-cache-dir --timeout 300 --no-index --find-links {authed}"
+    else:
+        requirement = f"dbt-standin@{authed}{STANDIN_WHEEL}"  # no space: a variable splits there
+        options = "--no-cache-dir --timeout 300 --no-index"
+    environ = make_env(
+        {
+            "DBTVENV_REQUIREMENTS": requirement,
+            "DBTVENV_PIP_INSTALL_OPTIONS": options,
+            "DBTVENV_INSTALLER": installer,
+            "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
+        }
+    )
+    cache = tmp_path / "cache"
+    wheels.hold()
+    seen: list[str] = []
+    build = Background(
+        [*dbtvenv_cmd, "env", "prepare", "--venv-dir", str(cache)], environ, tmp_path, "build"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while wheels.gets() == 0:
+            seen += _cmdlines_with(token.encode())
+            assert build.proc.poll() is None, build.stderr()
+            assert time.monotonic() < deadline, build.stderr()
+            time.sleep(0.01)
+        for _ in range(20):  # the installer waits for the held wheel meanwhile
+            seen += _cmdlines_with(token.encode())
+            time.sleep(0.02)
+        private = list(cache.glob("*/.dbtvenv-private-requirements.txt"))
+        modes = [stat.S_IMODE(p.stat().st_mode) for p in private]
+        wheels.release()
+        result = build.wait()
+    finally:
+        wheels.release()
+        build.kill()
+    assert result.returncode == 0, result
+    assert seen == [], f"the token was on a command line: {seen}"
+    assert modes == [0o600], "the token went to the installer in a private file"
+    env_dir = Path(result.out.strip())
+    assert not (env_dir / ".dbtvenv-private-requirements.txt").exists()
+    assert (env_dir / "bin" / "dbt").exists()
+    for path in env_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".cfg"):
+            assert token not in path.read_text(errors="replace"), path
