@@ -169,12 +169,13 @@ class OrderedGroup(click.Group):
 
 TOP_EPILOG = """\b
 Environment:
-  DBTVENV_*           each ENV OPTION has one, e.g. DBTVENV_VENV_DIR
-  DBTVENV_KILL_GRACE  seconds dbt gets to stop after a signal (default 30)
-  DBTVENV_LOCK_LEASE  seconds until another host's lock is stale (default 60)
-  DBTVENV_WARM_IDLE   seconds a warm process waits for a request (default 600)
-  NO_COLOR            no colours on a terminal
-  DBTVENV_DEBUG=1     show internal errors' tracebacks, and if dbt ran warm
+  DBTVENV_*               each ENV OPTION has one, e.g. DBTVENV_VENV_DIR
+  DBTVENV_KILL_GRACE      seconds dbt gets to stop after a signal (default 30)
+  DBTVENV_LOCK_LEASE      seconds until another host's lock is stale (60)
+  DBTVENV_WARM_IDLE       seconds a warm process waits for a request (600)
+  DBTVENV_TRUSTED_OWNERS  users whose envs to use besides your own and root's
+  NO_COLOR                no colours on a terminal
+  DBTVENV_DEBUG=1         show internal errors' tracebacks, and if dbt ran warm
 
 \b
 Exit status:
@@ -183,7 +184,8 @@ Exit status:
   1          env info, env rm: no such env, or it is in use
   64         usage error
   69         the env could not be built (pip failed, no dbt in the env)
-  73         the venv dir cannot be created or written
+  73         the venv dir cannot be created or written, or another user
+             owns or could change what is in it (see docs/security.md)
   75         the lock was not acquired in time: try again later
 
 Run 'dbtvenv COMMAND --help' for a command's options and examples, and

@@ -331,7 +331,11 @@ class EnvLock:
             # it; release() only ever removes a file that names us.
             self._me = me
             if replace:
-                os.replace(tmp, self.path)
+                try:
+                    os.replace(tmp, self.path)
+                except PermissionError:  # another user's lock, in a sticky dir
+                    self._me = None
+                    raise _not_replaceable(self.path) from None
             else:
                 try:
                     os.link(tmp, self.path)
@@ -459,6 +463,18 @@ class EnvLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _not_replaceable(path: Path) -> trust.Untrusted:
+    try:
+        owner = trust.describe_owner(os.lstat(path).st_uid)
+    except OSError:
+        owner = "another user"
+    return trust.Untrusted(
+        f"the lock {path} is stale but belongs to {owner}, and this user may not replace it "
+        "(the venv dir is sticky); ask its owner or root to remove it, or choose another "
+        "--venv-dir"
+    )
 
 
 def _cannot_lock(path: Path, exc: OSError) -> str:

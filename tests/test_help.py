@@ -99,7 +99,13 @@ def test_top_level_help_reads_like_a_manual_page(dbtvenv: RunDbtvenv) -> None:
     exit_status = text[text.index("Exit status:") :]
     for status in ("dbt's own", "128+N", "64", "69", "73", "75"):
         assert f"\n    {status} " in exit_status, status
-    for variable in ("DBTVENV_KILL_GRACE", "DBTVENV_LOCK_LEASE", "NO_COLOR", "DBTVENV_DEBUG"):
+    for variable in (
+        "DBTVENV_KILL_GRACE",
+        "DBTVENV_LOCK_LEASE",
+        "DBTVENV_TRUSTED_OWNERS",
+        "NO_COLOR",
+        "DBTVENV_DEBUG",
+    ):
         assert variable in text
     commands = text[text.index("dbt commands:") : text.index("Environment:")]
     for name in [*DBT_COMMANDS, *DBT_SUBCOMMANDS]:

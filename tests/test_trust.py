@@ -4,9 +4,12 @@ throw-away uids, see tests/users.py) against dirs they can really write."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MakeEnv, Result, RunDbtvenv
-from lockfaults import STANDIN_WHEEL, Background, WheelServer
+from lockfaults import STANDIN_WHEEL, Background, WheelServer, dead_pid, wait_until
 from users import ALICE, BOB, CAROL, SHARE, PublicDbtvenv, can_switch_users
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux users and file modes")
@@ -490,3 +493,62 @@ def test_a_token_never_reaches_a_command_line_other_users_can_read(
     for path in env_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".txt", ".cfg"):
             assert token not in path.read_text(errors="replace"), path
+
+
+def test_another_users_stale_lock_in_a_sticky_dir_is_named_not_replaced(
+    users: PublicDbtvenv,
+) -> None:
+    """In root's 1777 dir bob leaves a lock naming a dead process: stale, but alice may not
+    replace bob's file there. She says whose it is, and bob's file stays as it was."""
+    cache = users.shared_dir("stale-lock", 0o1777)
+    env_dir = env_path(users, ALICE, cache)
+    lock = cache / f"{env_dir.name}.lock"
+    holder = json.dumps(
+        {"pid": dead_pid(), "create_time": 1.0, "hostname": socket.gethostname(),
+         "acquired_at": "2026-11-24T15:00:00+00:00", "argv": ["dbtvenv", "run"]}
+    )  # fmt: skip
+    users.shell(BOB, f"printf '%s\\n' '{holder}' > {lock}")
+    result = users.run(ALICE, "env", "prepare", "--venv-dir", cache, "--lock-timeout", "5")
+    assert result.returncode == 73, result
+    error = one_error(result)
+    assert f"the lock {lock} is stale but belongs to uid {BOB}" in error, error
+    assert lock.read_text() == holder + "\n" and lock.stat().st_uid == BOB
+    assert not env_dir.exists()
+
+
+def test_a_team_members_run_keeps_the_env_from_its_owners_gc(users: PublicDbtvenv) -> None:
+    """alice runs dbt from carol's env (she trusts carol) and cannot write into it: her run
+    still holds the env's use mark (shared, read-only), so carol's `env gc` keeps the env."""
+    cache = users.shared_dir("team-in-use", 0o3775, uid=0, gid=SHARE)
+    groups = (SHARE,)
+    built = users.run(CAROL, "env", "prepare", "--venv-dir", cache, groups=groups)
+    assert built.returncode == 0, built
+    env_dir = Path(built.out.strip())
+    pidfile = users.home(ALICE) / "dbt.pid"
+    environ = users.environ(
+        ALICE,
+        {"DBTVENV_TRUSTED_OWNERS": str(CAROL), "STANDIN_SLEEP": "300",
+         "STANDIN_PIDFILE": str(pidfile)},
+    )  # fmt: skip
+    run = subprocess.Popen(
+        [*users.command(ALICE, groups), "run", "--venv-dir", str(cache)],
+        env=environ,
+        cwd=users.home(ALICE),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: pidfile.exists() or run.poll() is not None, "dbt runs", timeout=120)
+        assert run.poll() is None, run.communicate()
+        kept = users.run(
+            CAROL, "env", "gc", "--venv-dir", cache, "--older-than", "0s", groups=groups
+        )
+        assert kept.returncode == 0, kept
+        assert "dbt is running in it" in kept.err and kept.out == "nothing to remove\n", kept
+        assert (env_dir / "dbtvenv.json").is_file()
+    finally:
+        run.kill()
+        run.communicate()
+    gone = users.run(CAROL, "env", "gc", "--venv-dir", cache, "--older-than", "0s", groups=groups)
+    assert gone.returncode == 0 and not env_dir.exists(), gone
