@@ -175,7 +175,7 @@ Environment:
   DBTVENV_WARM_IDLE       seconds a warm process waits for a request (600)
   DBTVENV_TRUSTED_OWNERS  users whose envs to use besides your own and root's
   NO_COLOR                no colours on a terminal
-  DBTVENV_DEBUG=1         show internal errors' tracebacks, and if dbt ran warm
+  DBTVENV_DEBUG=1         show tracebacks of internal errors, and warm or not
 
 \b
 Exit status:
