@@ -217,7 +217,12 @@ def without_pins(adapter: str, line: int, installer: str, cache: Path, work: Pat
         cwd=work,
     )
     if done.returncode != 0:
-        return f"fails: {error_line(done.stderr)[:90]}"
+        said = error_line(done.stderr)
+        if "experimental-parser" in said:
+            return "fails: the newest dbt-core needs dbt-core-experimental-parser"
+        if "is a pre-release" in said:
+            return f"refused: {said.split(', and', 1)[0]}"
+        return f"fails: {said[:90]}"
     manifest = json.loads((Path(done.stdout.strip()) / "dbtvenv.json").read_text())
     versions = {d["name"].lower(): d["version"] for d in manifest["distributions"]}
     return f"dbt-core {versions.get('dbt-core')}"

@@ -212,10 +212,10 @@ def build_env(
     """
     started = time.monotonic()
     env = procs.child_environment(remove=_HELPER_ENV_REMOVE)
-    for note in spec.dbt_line_notes:
-        reporter.info(note)
     for pin in spec.implied_pins:
         reporter.info(pin.reason)
+    for note in spec.dbt_line_notes:
+        reporter.info(note)
     # Nothing of an env is writable by anyone but its builder, whatever the user's umask:
     # others who use it (and the trust check) rely on that.
     umask = os.umask(0o022)

@@ -261,6 +261,13 @@ def decide(
             continue
         if line is not None:
             lines.setdefault(line, []).append(asked)
+            exact = [s for s in specifiers if s[0] == "==" and not s[2] and len(s[1]) == 2]
+            if exact and len(specifiers) == 1:
+                major, minor = exact[0][1]
+                notes.append(
+                    f"{name}=={major}.{minor} means {name} {major}.{minor}.0 exactly; {name}"
+                    f"~={major}.{minor}.0 takes the newest release of the line, with its fixes"
+                )
         elif specifiers:
             low = [s for s in specifiers if s[0] == "~=" and len(s[1]) == 2]
             hint = ""

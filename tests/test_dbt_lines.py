@@ -82,6 +82,14 @@ def test_no_line_no_pin(requirement: str) -> None:
     assert pins([requirement]) == []
 
 
+def test_a_two_part_exact_pin_is_said_to_mean_the_first_release_of_the_line() -> None:
+    assert notes(["dbt-postgres==1.8"]) == [
+        "dbt-postgres==1.8 means dbt-postgres 1.8.0 exactly; dbt-postgres~=1.8.0 takes the newest "
+        "release of the line, with its fixes"
+    ]
+    assert notes(["dbt-postgres==1.8.2"]) == notes(["dbt-postgres~=1.8.0"]) == []
+
+
 def test_a_range_of_lines_gets_a_hint_that_names_the_line_form() -> None:
     (note,) = notes(["dbt-duckdb~=1.9"])
     assert "dbt-duckdb~=1.9 allows more than one dbt line" in note
@@ -118,7 +126,7 @@ def test_an_unknown_adapter_gets_no_pin_and_a_hint() -> None:
 
 
 def test_pre_releases_asked_for_leave_the_choice_to_the_installer() -> None:
-    found, (note,) = decide([normalise_requirement("dbt-postgres==1.9")], pre="--pre")
+    found, (note,) = decide([normalise_requirement("dbt-postgres~=1.9.0")], pre="--pre")
     assert found == ()
     assert note.startswith("--pre: dbt-core is not constrained to the dbt 1.9 line")
 
@@ -126,7 +134,7 @@ def test_pre_releases_asked_for_leave_the_choice_to_the_installer() -> None:
 def test_two_adapters_of_one_line_give_one_pin_two_lines_none() -> None:
     assert pins(["dbt-postgres==1.9.1", "dbt-duckdb~=1.9.0"]) == ["dbt-core~=1.9.0"]
     assert pins(["dbt-postgres==1.8", "dbt-duckdb==1.9"]) == []
-    (note,) = notes(["dbt-postgres==1.8", "dbt-duckdb==1.9"])
+    *_, note = notes(["dbt-postgres==1.8", "dbt-duckdb==1.9"])
     assert "different dbt lines (dbt-postgres==1.8: 1.8; dbt-duckdb==1.9: 1.9)" in note
 
 

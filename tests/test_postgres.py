@@ -128,6 +128,7 @@ def test_dbt_postgres_1_7_runs_as_the_readme_promises(
     (env_dir,) = (p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
     manifest = json.loads((env_dir / "dbtvenv.json").read_text())
     assert manifest["repairs"] == ["protobuf<5"]
+    assert manifest["implied_pins"] == ["dbt-core~=1.7.0"]  # 1.7 pins it itself: no change
     versions = {d["name"].lower(): d["version"] for d in manifest["distributions"]}
     assert versions["dbt-core"] == "1.7.0" and int(versions["protobuf"].split(".")[0]) < 5
     counted = subprocess.run(
