@@ -4,10 +4,10 @@ pip lets a pre-release in as soon as any requirement of the resolution names one
 dependency's own included: dbt-postgres 1.8.0 requires `dbt-core>=1.8.0a1`, so `pip install
 dbt-postgres==1.8.0` picks dbt-core 2.0.0rc9. A user asks for pre-releases with `--pre` (pip),
 `--prerelease allow` (uv), PIP_PRE or UV_PRERELEASE, or by naming one in a requirement or
-constraint of their own (`dbt-core==1.10.0rc1`). uv is told so (`--prerelease explicit`: only
-what the user names); after the install every distribution must be a final release unless the
-user asked, or the build fails naming it, the requirement that let it in and the pin that keeps
-it out.
+constraint of their own (`dbt-core==1.10.0rc1`). Unless they did, uv gets `--prerelease
+explicit` (pre-releases only where the user's own requirements name one: here, none), and
+after the install every distribution must be a final release, or the build fails naming it,
+the requirement that let it in and the pin that keeps it out.
 
 Imported at build time only: `packaging` is fine here.
 """
@@ -52,13 +52,13 @@ def asked_for(spec: EnvSpec, environ: Mapping[str, str] | None = None) -> str | 
     return None
 
 
-def uv_options(spec: EnvSpec, environ: Mapping[str, str] | None = None) -> list[str]:
-    """`uv pip install` options that match the rule: disallow, unless the user asked or chose."""
-    if asked_for(spec, environ) is not None or _option_value(
-        spec.pip_install_options, "--prerelease"
-    ):
+def uv_options(spec: EnvSpec) -> list[str]:
+    """`uv pip install` options for the rule: no pre-release (uv's `explicit`, since nothing
+    of the user's names one), unless the user asked for them or chose a policy of their own;
+    then uv's own rules apply."""
+    if asked_for(spec) is not None or _option_value(spec.pip_install_options, "--prerelease"):
         return []
-    return ["--prerelease", "disallow"]
+    return ["--prerelease", "explicit"]
 
 
 def _user_requirements(spec: EnvSpec) -> list[str]:

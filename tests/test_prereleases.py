@@ -17,6 +17,9 @@ import pytest
 from conftest import RunDbtvenv
 from standin import STANDIN_SOURCE, write_wheel
 
+from dbtvenv import prereleases
+from dbtvenv.spec import resolve_spec
+
 CORE_FINALS = ("1.8.0", "1.8.1", "1.9.0")
 CORE_PRE = "2.0.0rc1"
 ADAPTER = "dbt-postgres==1.8.0"
@@ -163,13 +166,16 @@ def test_the_adapter_pin_gets_its_own_dbt_line(
     assert entry["implied_pins"] == ["dbt-core~=1.8.0"] and entry["dbt_core"] == "1.8.1"
 
 
+@pytest.mark.parametrize("installer", ["pip", "uv"])
 def test_pre_releases_asked_for_are_installed(
-    dbtvenv: RunDbtvenv, cache_dir: Path, dbt_index: Path
+    dbtvenv: RunDbtvenv, cache_dir: Path, dbt_index: Path, installer: str
 ) -> None:
     offline = f"--no-index --find-links {dbt_index}"
     pre = dbtvenv(
         "env",
         "prepare",
+        "--installer",
+        installer,
         "--venv-dir",
         cache_dir,
         "--requirements",
@@ -184,6 +190,8 @@ def test_pre_releases_asked_for_are_installed(
     named = dbtvenv(
         "env",
         "prepare",
+        "--installer",
+        installer,
         "--venv-dir",
         cache_dir,
         "--requirements",
@@ -195,3 +203,46 @@ def test_pre_releases_asked_for_are_installed(
     )
     assert named.returncode == 0, named
     assert versions(Path(named.out.strip()))["dbt-core"] == CORE_PRE
+
+
+@pytest.mark.parametrize(
+    ("options", "environ", "asked"),
+    [
+        ("", {}, None),
+        ("--pre", {}, "--pre in --pip-install-options"),
+        ("--prerelease=allow", {}, "--prerelease allow in --pip-install-options"),
+        ("--prerelease disallow", {}, None),
+        ("", {"PIP_PRE": "1"}, "PIP_PRE"),
+        ("", {"UV_PRERELEASE": "if-necessary"}, "UV_PRERELEASE"),
+        ("", {"UV_PRERELEASE": "disallow"}, None),
+    ],
+)
+def test_what_asks_for_pre_releases(
+    options: str, environ: dict[str, str], asked: str | None
+) -> None:
+    spec = resolve_spec(
+        requirements=["dbt-postgres==1.8.0"],
+        requirements_files=[],
+        constraints_files=[],
+        pip_install_options=options,
+        python=None,
+        system_site_packages=False,
+    )
+    assert prereleases.asked_for(spec, environ) == asked
+
+
+def test_a_pre_release_named_in_a_constraints_file_asks_for_it(tmp_path: Path) -> None:
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("# testing the next dbt\ndbt-core==1.11.0rc1  # the candidate\n")
+    spec = resolve_spec(
+        requirements=["dbt-postgres"],
+        requirements_files=[],
+        constraints_files=[str(constraints)],
+        pip_install_options=None,
+        python=None,
+        system_site_packages=False,
+    )
+    assert prereleases.asked_for(spec, {}) == "dbt-core==1.11.0rc1"
+    assert prereleases.uv_options(spec) == []
+    plain = spec._replace(constraints_files=())
+    assert prereleases.asked_for(plain, {}) is None
