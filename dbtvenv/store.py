@@ -133,8 +133,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a new private name (O_EXCL: nothing planted there is followed), then rename
     over `path`, which replaces a planted link rather than writing through it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:  # from here on the temporary file is ours to remove; what was there before is not
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()

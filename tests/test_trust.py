@@ -20,6 +20,8 @@ from conftest import MakeEnv, Result, RunDbtvenv
 from lockfaults import STANDIN_WHEEL, Background, WheelServer, dead_pid, wait_until
 from users import ALICE, BOB, CAROL, SHARE, PublicDbtvenv, can_switch_users
 
+from dbtvenv.errors import VenvDirError
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux users and file modes")
 
 PRECIOUS = "alice's thesis: must never be truncated, chmod-ed or deleted\n"
@@ -552,3 +554,40 @@ def test_a_team_members_run_keeps_the_env_from_its_owners_gc(users: PublicDbtven
         run.communicate()
     gone = users.run(CAROL, "env", "gc", "--venv-dir", cache, "--older-than", "0s", groups=groups)
     assert gone.returncode == 0 and not env_dir.exists(), gone
+
+
+# --- the temporary names of a lock and a manifest ---------------------------------------------
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock and the manifest are written to `.<name>.<pid>.<random>.tmp`, then renamed into
+    place. Here the random part is made predictable and a link to a victim waits at exactly
+    that name: the write fails (O_EXCL) rather than going through the link."""
+    from dbtvenv import store
+    from dbtvenv.lock import EnvLock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text(PRECIOUS)
+    monkeypatch.setattr(os, "urandom", lambda n: bytes.fromhex("abcdef01")[:n])
+    pid = os.getpid()
+    cache = tmp_path / "cache"
+    env_dir = cache / "0123456789abcdef"
+    env_dir.mkdir(parents=True)
+    links = [
+        cache / f".0123456789abcdef.lock.{pid}.abcdef01.tmp",
+        env_dir / f".dbtvenv.json.{pid}.abcdef01.tmp",
+        env_dir / "dbtvenv.use",
+    ]
+    for link in links:
+        link.symlink_to(victim)
+
+    with pytest.raises(VenvDirError, match="cannot take the lock"):
+        EnvLock(cache / "0123456789abcdef.lock", timeout=2, lease=60).acquire()
+    with pytest.raises(FileExistsError):
+        store.write_manifest(env_dir, {"format": 1})
+    assert victim.read_text() == PRECIOUS
+    assert not (env_dir / "dbtvenv.json").exists()
+    assert not (cache / "0123456789abcdef.lock").exists()
+    assert all(link.is_symlink() for link in links)
