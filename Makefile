@@ -45,6 +45,7 @@ demo: dev
 
 bench: dev
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/warm.py
 
 bench-cosmos: dev
 	$(BIN)/python benchmarks/cosmos.py

@@ -357,6 +357,8 @@ class _Session:
                 )
             buffer += data
             for frame in protocol.split_frames(buffer):
+                if "signal" in frame or "exitcode" in frame:
+                    debug(f"dbt ran warm for {frame.get('seconds', '?')} s (fork to exit)")
                 if "signal" in frame:
                     return EX_SIGNAL_BASE + int(frame["signal"])
                 if "exitcode" in frame:

@@ -162,6 +162,7 @@ class Request:
         self.buffer = bytearray()
         self.reaped = False
         self.gone = False  # the caller closed its connection
+        self.forked = time.monotonic()
 
 
 class Server:
@@ -187,6 +188,8 @@ class Server:
         self.stop_requested = False
         self.last_activity = time.monotonic()
         self.modules_mtime = 0
+        self.applied: set[tuple[str, str, str]] = set()
+        self.quiet_runs = 0  # requests in a row whose child had nothing to teach
         self.listener: socket.socket | None = None
         self.socket_inode: tuple[int, int] | None = None
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -221,19 +224,26 @@ class Server:
             log(f"not preloading {name}: {type(exc).__name__}: {exc}")
 
     def _import_learned(self) -> None:
+        """Do ahead what earlier runs did on their way (see `Lessons`), once each."""
         try:
             mtime = os.stat(self.modules_path).st_mtime_ns
-            if mtime == self.modules_mtime:
-                return
-            with open(self.modules_path, encoding="utf-8") as f:
-                names = json.load(f)
-        except (OSError, ValueError):
+        except OSError:
+            return
+        if mtime == self.modules_mtime:
             return
         self.modules_mtime = mtime
-        if isinstance(names, list):
-            for name in names:
-                if isinstance(name, str) and name not in NOT_PRELOADED:
-                    self._import(name)
+        lessons = Lessons.read(self.modules_path)
+        for name in lessons.modules:
+            if name not in NOT_PRELOADED:
+                self._import(name)
+        for module, qualname, method in lessons.compiled:
+            if (module, qualname, method) not in self.applied:
+                self.applied.add((module, qualname, method))
+                compile_serializer(module, qualname, method)
+        for module, qualname in lessons.schemas:
+            if (module, qualname, "") not in self.applied:
+                self.applied.add((module, qualname, ""))
+                build_schema(module, qualname)
 
     def listen(self) -> None:
         """Bind under a temporary name, then link it into place: of two servers that start at
@@ -483,10 +493,15 @@ class Server:
             request.reaped = True
             del self.active[pid]
             self.last_activity = time.monotonic()
+            before = self.modules_mtime
+            if not self.active:
+                self._import_learned()
+            self.quiet_runs = self.quiet_runs + 1 if self.modules_mtime == before else 0
             if os.WIFSIGNALED(status):
                 result: Frame = {"signal": os.WTERMSIG(status)}
             else:
                 result = {"exitcode": os.WEXITSTATUS(status)}
+            result["seconds"] = round(time.monotonic() - request.forked, 6)
             if not request.gone:
                 with contextlib.suppress(OSError):
                     request.conn.setblocking(True)
@@ -534,8 +549,9 @@ class Server:
         if self.coerced_lc_ctype is not None:
             message["environ"]["LC_CTYPE"] = self.coerced_lc_ctype
         become_the_caller(message, self.stdio)
+        watch = CacheWatch(record_schemas=self.quiet_runs < LEARNING_RUNS)
         code = run_entry(self.entry, message["argv"])
-        record_modules(self.modules_path, before, self.env_dir)
+        Lessons.learn(self.modules_path, before, self.env_dir, watch)
         os._exit(code)
 
 
@@ -679,9 +695,181 @@ def _finish() -> bool:
     return flushed
 
 
-def record_modules(path: str, before: frozenset, env_dir: str) -> None:  # type: ignore[type-arg]
-    """Add the modules this run loaded (from the env or the standard library) to the list the
-    server imports ahead of later requests."""
+# --- what runs teach the server ------------------------------------------------------------
+
+# Requests in a row that taught nothing new, after which children stop recording which JSON
+# schemas they build (the one thing recorded by wrapping a dbt method; see `CacheWatch`).
+LEARNING_RUNS = 3
+SERIALIZERS = ("from_dict", "to_dict", "from_msgpack", "to_msgpack", "from_json", "to_json")
+
+
+class Lessons:
+    """What runs in an env loaded or built on their way, kept in a file per env (and user) so
+    that its warm processes do it ahead of the next run, without running any dbt command:
+
+    - modules imported lazily (`dbt.task.run`, sqlparse, ...), from the env or the stdlib;
+    - mashumaro serializers compiled on first use (dbt's dataclasses compile lazily: each
+      `from_dict`, `to_msgpack`, ... generates its code the first time it is called);
+    - JSON schemas dbt built for the dataclasses it validated (`dbtClassMixin.json_schema`,
+      cached per class).
+    """
+
+    def __init__(self, data: object = None) -> None:
+        data = data if isinstance(data, dict) else {}
+        self.modules = [m for m in data.get("modules") or () if isinstance(m, str)]
+        self.compiled = [tuple(map(str, c)) for c in data.get("compiled") or () if len(c) == 3]
+        self.schemas = [tuple(map(str, c)) for c in data.get("schemas") or () if len(c) == 2]
+
+    @classmethod
+    def read(cls, path: str) -> Lessons:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls(json.load(f))
+        except (OSError, ValueError, TypeError):
+            return cls()
+
+    @classmethod
+    def learn(cls, path: str, before: frozenset, env_dir: str, watch: CacheWatch) -> None:  # type: ignore[type-arg]
+        """Add what this run did on its way to the env's file, if it is anything new."""
+        with contextlib.suppress(Exception):
+            known = cls.read(path)
+            modules = [m for m in _new_modules(before, env_dir) if m not in set(known.modules)]
+            compiled = [c for c in watch.compiled() if c not in set(known.compiled)]
+            schemas = [c for c in watch.schemas() if c not in set(known.schemas)]
+            if modules or compiled or schemas:
+                data = {
+                    "modules": known.modules + modules,
+                    "compiled": [list(c) for c in known.compiled + compiled],
+                    "schemas": [list(c) for c in known.schemas + schemas],
+                }
+                _write_atomic(path, json.dumps(data))
+
+
+class CacheWatch:
+    """Which class-level caches a run fills: the serializers mashumaro compiles (a method of
+    the class replaced), and, while the server is learning, the JSON schemas dbt builds."""
+
+    def __init__(self, *, record_schemas: bool) -> None:
+        self.mixin = _loaded_class("mashumaro.mixins.dict", "DataClassDictMixin")
+        self.before = self._methods()
+        self.built: list[tuple[str, str]] = []
+        schema_mixin = _loaded_class("dbt_common.dataclass_schema", "dbtClassMixin")
+        original = getattr(schema_mixin, "__dict__", {}).get("json_schema")
+        if record_schemas and isinstance(original, classmethod):
+            cached = original.__func__  # dbt's own lru_cache: results stay cached as they were
+            built = self.built
+
+            def json_schema(cls: type) -> Any:
+                built.append((cls.__module__, cls.__qualname__))
+                return cached(cls)
+
+            json_schema.__doc__ = getattr(cached, "__doc__", None)
+            schema_mixin.json_schema = classmethod(json_schema)
+
+    def _methods(self) -> dict[tuple[str, str, str], int]:
+        found = {}
+        for cls in _subclasses(self.mixin):
+            if "<locals>" in cls.__qualname__:  # made by a function: not to be found again
+                continue
+            for name in SERIALIZERS:
+                method = cls.__dict__.get(name)
+                if method is not None:
+                    found[(cls.__module__, cls.__qualname__, name)] = id(method)
+        return found
+
+    def compiled(self) -> list[tuple[str, str, str]]:
+        after = self._methods()
+        return sorted(k for k, v in after.items() if self.before.get(k) != v)
+
+    def schemas(self) -> list[tuple[str, str]]:
+        return list(dict.fromkeys(self.built))
+
+
+def compile_serializer(module: str, qualname: str, method: str) -> None:
+    """Make mashumaro generate one serializer of a class now, as its first call would, with
+    nothing run: the call gets data (or an object) that fails at its first use, so no instance
+    is made and no hook runs on real data (a `Manifest` made from `{}` would make a lock)."""
+    cls = _resolve(module, qualname)
+    if cls is None or method not in SERIALIZERS:
+        return
+    with contextlib.suppress(BaseException):
+        if method.startswith("from_"):
+            getattr(cls, method)(_Unusable())
+        else:
+            stub = cls.__dict__.get(method)
+            if callable(stub):
+                stub(_StandIn(cls))
+
+
+class _Unusable(Exception):
+    """As data: fails on any use; as an exception: what that failure raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise _Unusable()
+
+    def __getitem__(self, key: object) -> Any:
+        raise _Unusable()
+
+    def __contains__(self, key: object) -> bool:
+        raise _Unusable()
+
+    def __iter__(self) -> Any:
+        raise _Unusable()
+
+    def __len__(self) -> int:
+        raise _Unusable()
+
+
+class _StandIn:
+    """What a serializer's first call gets as `self`: the class it compiles for, and nothing to
+    serialize (every attribute fails), so the generated code never runs on anything."""
+
+    def __init__(self, cls: type) -> None:
+        object.__setattr__(self, "_cls", cls)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return object.__getattribute__(self, "_cls")  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        raise _Unusable()
+
+
+def build_schema(module: str, qualname: str) -> None:
+    cls = _resolve(module, qualname)
+    if cls is not None:
+        with contextlib.suppress(BaseException):
+            cls.json_schema()
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    """A class of an already imported module (never imports one), or None."""
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) else None
+
+
+def _loaded_class(module: str, name: str) -> Any:
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _subclasses(root: Any) -> list[type]:
+    if not isinstance(root, type):
+        return []
+    found: list[type] = []
+    todo = [root]
+    while todo:
+        sub: type
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def _new_modules(before: frozenset, env_dir: str) -> list[str]:  # type: ignore[type-arg]
+    """Modules this run imported from the env or the standard library (never the project's)."""
     roots = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, env_dir)})
     new = []
     for name, module in list(sys.modules.items()):
@@ -693,18 +881,7 @@ def record_modules(path: str, before: frozenset, env_dir: str) -> None:  # type:
             isinstance(origin, str) and os.path.realpath(origin).startswith(roots)
         ):
             new.append(name)
-    if not new:
-        return
-    with contextlib.suppress(Exception):
-        try:
-            with open(path, encoding="utf-8") as f:
-                known = json.load(f)
-        except (OSError, ValueError):
-            known = []
-        known = [n for n in known if isinstance(n, str)] if isinstance(known, list) else []
-        added = [n for n in new if n not in set(known)]
-        if added:
-            _write_atomic(path, json.dumps(known + added))
+    return new
 
 
 def installed_adapters() -> list[str]:

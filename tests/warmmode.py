@@ -34,7 +34,9 @@ def mode_settings(mode: str, run_dir: Path) -> dict[str, str]:
     return {"DBTVENV_WARM": "1", "DBTVENV_DEBUG": "1", "XDG_RUNTIME_DIR": str(run_dir)}
 
 
-def warm_up(environ: Mapping[str, str], *args: str, timeout: float = 90.0) -> int:
+def warm_up(
+    environ: Mapping[str, str], *args: str, timeout: float = 90.0, cwd: Path | None = None
+) -> int:
     """Run `dbtvenv run ARGS` (a quick stand-in run) until it is served warm; the warm
     process's pid."""
     deadline = time.monotonic() + timeout
@@ -42,6 +44,7 @@ def warm_up(environ: Mapping[str, str], *args: str, timeout: float = 90.0) -> in
         done = subprocess.run(
             [sys.executable, "-m", "dbtvenv", "run", *args],
             env=dict(environ),
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=120,
