@@ -380,6 +380,10 @@ class Server:
             send_frame(conn, {"stopping": True, "active": len(self.active)})
             conn.close()
         elif op == "run":
+            if not self.stopping and _thread_count() > 1:
+                # A module started a thread: a fork would copy its locks, held or not.
+                log("a thread runs in the warm process: forking is not safe, stopping")
+                self.stop()
             if self.stopping or not self._env_unchanged():
                 _close_all(fds)
                 send_frame(conn, {"refused": "the warm process is stopping"})
@@ -546,6 +550,7 @@ class Server:
                     os.close(fd)
         if go != b"g":
             os._exit(128 + signal.SIGKILL)
+        _forget_inherited_helpers()
         if self.coerced_lc_ctype is not None:
             message["environ"]["LC_CTYPE"] = self.coerced_lc_ctype
         become_the_caller(message, self.stdio)
@@ -921,6 +926,27 @@ def _children_of(parent: int) -> list[int]:
         if len(fields) > 1 and int(fields[1]) == parent:
             children.append(int(name))
     return children
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def _forget_inherited_helpers() -> None:
+    """A child starts its own multiprocessing resource tracker, as a new process would: the
+    server's (if an import started one) was reached by a descriptor the child has closed."""
+    tracker = getattr(
+        sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker", None
+    )
+    if tracker is not None and getattr(tracker, "_fd", None) is not None:
+        with contextlib.suppress(Exception):
+            tracker._fd = None
+            tracker._pid = None
 
 
 def _open_fds() -> list[int]:
