@@ -12,9 +12,10 @@ cases run in turn, round after round, the order reversed every other round, so a
 machine's load hits all alike; rows give medians over n runs and the ratio to `direct`. Before
 timing, the warm process is started and every command runs warm a few times untimed (what a
 long-lived worker looks like after its first tasks); every timed warm run is checked to have
-been served warm. Also: the warm process's memory (RSS and PSS), and two floor rows: a warm
+been served warm. Also: the warm process's memory (RSS and PSS); two floor rows, a warm
 `dbt --version` (fork, hand-over and dbt's start without a project) and `run -s` timed inside
-the forked child (dbt's own work, with dbtvenv, the socket and the fork left out).
+the forked child (dbt's own work, with dbtvenv, the socket and the fork left out); and the
+first run of a new warm process (it runs directly while the warm process starts beside it).
 
 dbtvenv runs as users run it: the console script of a scratch venv with a regular install of
 this checkout (`--app-venv` reuses one). The env is built with uv (what it installs is the
@@ -232,6 +233,50 @@ class Bench:
             raise CommandFailed(f"no warm run:\n{stderr}")
         return float(match.group(1))
 
+    def first_run(self, env_dir: Path, n: int) -> None:
+        """A run that finds no warm process runs directly and starts one beside it: what it
+        costs against a direct run while the new warm process imports dbt on the other core."""
+        print("timing first runs", flush=True)
+        dbt = str(env_dir / "bin" / "dbt")
+        args = ("run", "-s", "stg_customers")
+        first, direct = [], []
+        for _ in range(n):
+            self.stop_warm()
+            self.wait_for_no_warm_process()
+            elapsed, stderr = self.run(
+                [str(self.dbtvenv), "run", "--warm", *args[1:]], {**self.env, "DBTVENV_DEBUG": "1"}
+            )
+            if "while its warm process starts" not in stderr:
+                raise CommandFailed(f"not a first run:\n{stderr}")
+            first.append(elapsed)
+            direct.append(self.run([dbt, *args])[0])
+            self.wait_for_warm_process()  # before the next round stops it
+        ratio = statistics.median(first) / statistics.median(direct)
+        self.rows.append(
+            Row(
+                "first `run -s` of a new warm process (runs directly, starts the warm process)",
+                n,
+                [s(statistics.median(direct)), "", s(statistics.median(first))],
+                f"{ratio:.2f}x",
+            )
+        )
+
+    def wait_for_warm_process(self) -> None:
+        run_dir = Path(self.env["XDG_RUNTIME_DIR"]) / "dbtvenv"
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob("w*-*.sock")) or list(run_dir.glob("w*-*.starting")):
+            if time.monotonic() > deadline:
+                raise CommandFailed("the warm process did not start")
+            time.sleep(0.2)
+
+    def wait_for_no_warm_process(self) -> None:
+        run_dir = Path(self.env["XDG_RUNTIME_DIR"]) / "dbtvenv"
+        deadline = time.monotonic() + 60
+        while list(run_dir.glob("w*-*.sock")) or list(run_dir.glob("w*-*.starting")):
+            if time.monotonic() > deadline:
+                raise CommandFailed("a warm process did not stop")
+            time.sleep(0.2)
+
     def memory(self) -> None:
         states = list((Path(self.env["XDG_RUNTIME_DIR"]) / "dbtvenv").glob("w*-*.json"))
         for state in states:
@@ -364,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.compare(env_dir, command)
             bench.floors(env_dir, commands[0].n)
             bench.memory()
+            bench.first_run(env_dir, 3)
         finally:
             bench.stop_warm()
         header = [*machine(), f"n: repeats per row; run took {time.monotonic() - started:.0f} s"]

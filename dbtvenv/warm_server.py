@@ -418,6 +418,7 @@ class Server:
         if pid == 0:
             os.close(go_w)
             try:
+                self._detach_sockets(conn)
                 self._child(message, fds, go_r, before)
             finally:
                 os._exit(70)  # only a bug in the child's set-up gets here
@@ -437,6 +438,14 @@ class Server:
         finally:
             os.close(go_w)
         conn.setblocking(False)
+
+    def _detach_sockets(self, conn: socket.socket) -> None:
+        """In a child: our socket objects let go of their descriptors, which the child closes,
+        so that none of them ever closes a number dbt has reused for a file of its own."""
+        for sock in (self.listener, conn, *(r.conn for r in self.active.values())):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.detach()
 
     def _read_control(self, request: Request) -> None:
         try:
@@ -666,7 +675,7 @@ def run_entry(entry: str, argv: list[str]) -> int:
 def _exit_status(code: object) -> int:
     if code is None:
         return 0
-    if isinstance(code, bool) or not isinstance(code, int):
+    if not isinstance(code, int):  # (True and False are ints to Python's exit too)
         with contextlib.suppress(Exception):
             sys.stderr.write(f"{code}\n")
         return 1
