@@ -347,9 +347,11 @@ def _run(
         reporter.tick()
 
     noted: set[str] = set()
+    chosen = prereleases.Chosen()
 
     def on_line(line: str) -> None:
         reporter.detail(line)
+        chosen.line(line)
         note = source_build_note(line)
         if note is not None and note not in noted:
             noted.add(note)
@@ -362,8 +364,10 @@ def _run(
     except OSError as exc:  # not a program for this machine (ENOEXEC), not executable, ...
         raise BuildError(f"cannot run {what} ({argv[0]}): {exc.strerror or exc}") from None
     if result.returncode != 0:
+        said = "\n".join(result.tail)
+        unasked = chosen.failure(what, spec, said) if spec is not None else None
         raise BuildError(
-            _failure_message(what, result.returncode, result.tail, where, spec),
+            unasked or _failure_message(what, result.returncode, result.tail, where, spec),
             redact_all(result.tail),
         )
 

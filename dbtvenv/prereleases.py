@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dbtvenv.dbt_lines import requirement_lines
+from dbtvenv.dbt_lines import DBT_CORE, decide, requirement_lines
 from dbtvenv.spec import EnvSpec
 
 _TRUE = ("1", "true", "yes", "on")
@@ -140,3 +140,75 @@ def _required_by(name: str, requires: Mapping[str, Sequence[str]]) -> list[tuple
                 (f"{requirer} requires {req.name}{req.specifier}", bool(req.specifier.prereleases))
             )
     return found
+
+
+class Chosen:
+    """What an installer's output lines say it chose, for a failure that happens before the
+    install is done (a pre-release whose build fails, as dbt-core 2.0.0rc9's does behind a
+    registry-only proxy): `Collecting dbt-core>=1.8.0rc1 (from dbt-postgres==1.10)`, then
+    `Downloading dbt_core-2.0.0rc9.tar.gz`."""
+
+    def __init__(self) -> None:
+        self.pre_releases: dict[str, str] = {}  # canonical name -> version
+        self.wanted_by: dict[str, str] = {}  # canonical name -> `dbt-postgres==1.10 requires ...`
+
+    def line(self, line: str) -> None:
+        text = line.strip()
+        word, _, rest = text.partition(" ")
+        if word == "Collecting" and " (from " in rest:
+            requirement, _, parent = rest.partition(" (from ")
+            self._wanted(requirement, parent.rstrip(")"))
+        elif word in ("Downloading", "Using", "Processing"):  # Using cached NAME
+            name = rest.split(" ")[1] if word == "Using" else rest.split(" ")[0]
+            self._file(name.rsplit("/", 1)[-1].removesuffix(".metadata"))
+
+    def _wanted(self, requirement: str, parent: str) -> None:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+
+        try:
+            req = Requirement(requirement)
+        except InvalidRequirement:
+            return
+        if req.specifier.prereleases:
+            self.wanted_by[canonicalize_name(req.name)] = f"{parent} requires {req}"
+
+    def _file(self, filename: str) -> None:
+        from packaging.utils import (
+            InvalidSdistFilename,
+            InvalidWheelFilename,
+            parse_sdist_filename,
+            parse_wheel_filename,
+        )
+
+        try:
+            if filename.endswith(".whl"):
+                name, version, *_ = parse_wheel_filename(filename)
+            else:
+                name, version = parse_sdist_filename(filename)
+        except (InvalidSdistFilename, InvalidWheelFilename):
+            return
+        if version.is_prerelease:
+            self.pre_releases[name] = str(version)
+
+    def failure(self, what: str, spec: EnvSpec, said: str) -> str | None:
+        """Why the install failed, if it failed on a pre-release nobody asked for (`said`: the
+        installer's last lines)."""
+        found = [(n, v) for n, v in self.pre_releases.items() if n in said or v in said]
+        if not found or asked_for(spec) is not None:
+            return None
+        from packaging.version import Version
+
+        name, version = found[0]
+        let_in = self.wanted_by.get(name)
+        why = f" ({let_in}, which let it choose one)" if let_in else ""
+        pin = f"{name}<{Version(version).base_version}"
+        line = ""
+        lines, _ = decide(spec.requirements) if name == DBT_CORE else ((), ())
+        if lines and not spec.implied_pins:
+            line = f", or the dbt line {lines[0].asked_by} asks for: '{lines[0].requirement}'"
+        return (
+            f"{what} chose {name} {version}, a pre-release nothing you gave asks for{why}, and "
+            f"could not install it; keep it to a final release with a constraint such as "
+            f"'{pin}' (--constraints FILE, or --requirements '{pin}'){line}"
+        )

@@ -9,12 +9,15 @@ user, lets one in.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import RunDbtvenv
+from lockfaults import WheelServer
 from standin import STANDIN_SOURCE, write_wheel
 
 from dbtvenv import prereleases
@@ -246,3 +249,58 @@ def test_a_pre_release_named_in_a_constraints_file_asks_for_it(tmp_path: Path) -
     assert prereleases.uv_options(spec) == []
     plain = spec._replace(constraints_files=())
     assert prereleases.asked_for(plain, {}) is None
+
+
+def _sdist_whose_build_fails(index: Path, name: str, version: str) -> None:
+    """As dbt-core 2.0.0rc9's: its build downloads a binary from outside the registry."""
+    base = f"{name.replace('-', '_')}-{version}"
+    files = {
+        "pyproject.toml": "[build-system]\nrequires = []\nbuild-backend = 'backend'\n"
+        f"backend-path = ['.']\n\n[project]\nname = '{name}'\nversion = '{version}'\n",
+        "backend.py": "def _fail(*args, **kwargs):\n"
+        "    raise RuntimeError('failed to download https://github.invalid/dbt.whl')\n"
+        "build_wheel = prepare_metadata_for_build_wheel = build_sdist = _fail\n",
+        "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+    }
+    with tarfile.open(index / f"{base}.tar.gz", "w:gz") as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{base}/{path}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_pre_release_that_fails_to_build_is_named_not_pips_hint_about_pre(
+    dbtvenv: RunDbtvenv, cache_dir: Path, tmp_path: Path
+) -> None:
+    index = tmp_path / "index"
+    write_wheel(
+        index,
+        "dbt-core",
+        "1.10.4",
+        {"dbt_fake_core.py": STANDIN_SOURCE},
+        entry_points="[console_scripts]\ndbt = dbt_fake_core:main\n",
+    )
+    write_wheel(
+        index, "dbt-postgres", "1.10.0", {"dbt_fake_pg.py": ""}, requires=["dbt-core>=1.8.0rc1"]
+    )
+    _sdist_whose_build_fails(index, "dbt-core", "2.0.0rc9")
+    spec = ["--requirements", "dbt-postgres==1.10.0", "--no-implied-pins"]
+    with WheelServer(index) as server:  # as a registry says it: Collecting X (from Y)
+        offline = ["--pip-install-options", server.pip_options]
+        result = dbtvenv("env", "prepare", "--venv-dir", cache_dir, *spec, *offline)
+    assert result.returncode == 69, result
+    (error,) = [line for line in result.err.splitlines() if line.startswith("dbtvenv: error:")]
+    assert error == (
+        "dbtvenv: error: pip chose dbt-core 2.0.0rc9, a pre-release nothing you gave asks for "
+        "(dbt-postgres==1.10.0 requires dbt-core>=1.8.0rc1, which let it choose one), and could "
+        "not install it; keep it to a final release with a constraint such as 'dbt-core<2.0.0' "
+        "(--constraints FILE, or --requirements 'dbt-core<2.0.0'), or the dbt line "
+        "dbt-postgres==1.10.0 asks for: 'dbt-core~=1.10.0'"
+    )
+    fixed = dbtvenv(
+        "env", "prepare", "--venv-dir", cache_dir, *spec, "--requirements", "dbt-core<2.0.0",
+        "--pip-install-options", f"--no-index --find-links {index}",
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed
+    assert versions(Path(fixed.out.strip()))["dbt-core"] == "1.10.4"
