@@ -320,6 +320,57 @@ def test_a_killed_warm_process_is_replaced(
     assert warm_up(make_env(environ)) != server.pid
 
 
+# Where dbtvenv looks for the warm process of a run, computed as dbtvenv does (same environment).
+PLACE = """\
+import sys
+from pathlib import Path
+from dbtvenv import warm
+from dbtvenv.runner import dbt_environment
+
+env_dir = Path(sys.argv[1])
+place, why = warm.place_for(env_dir, dbt_environment(env_dir))
+print(place.socket)
+"""
+
+
+@pytest.mark.parametrize("answer", ["hang-up", "refusal"])
+def test_a_warm_process_that_fails_before_dbt_starts_means_a_direct_run(
+    dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str], answer: str
+) -> None:
+    """A socket that takes the request and closes (a warm process dying), or refuses it (one
+    stopping): dbt runs directly, once, with its output and status."""
+    environ = {**standin_cache, "DBT_TARGET": f"fails-before-dbt-{answer}"}
+    env_dir = dbtvenv("env", "path", env=environ).out.strip()
+    found = subprocess.run(
+        [sys.executable, "-c", PLACE, env_dir], env=make_env(environ), capture_output=True
+    )
+    assert found.returncode == 0, found.stderr
+    path = found.stdout.decode().strip()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fake:
+        fake.bind(path)
+        fake.listen(1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            served = pool.submit(_answer_once, fake, answer)
+            result = dbtvenv("run", "--", "x", env={**environ, "STANDIN_EXIT": "4"})
+            assert served.result(timeout=60)
+        os.unlink(path)
+    assert result.returncode == 4, result
+    assert result.json()["argv"] == ["run", "x"]
+    assert_mode(result.err, "direct")
+    why = "did not take the request" if answer == "hang-up" else "refused"
+    assert f"running dbt directly: the warm process {why}" in result.err, result
+
+
+def _answer_once(listener: socket.socket, answer: str) -> bool:
+    listener.settimeout(60)
+    conn, _ = listener.accept()
+    with conn:
+        if answer == "refusal":
+            body = json.dumps({"refused": "stopping"}).encode()
+            conn.sendall(len(body).to_bytes(4, "big") + body)
+    return True
+
+
 def test_the_warm_process_dying_while_dbt_runs(
     spawner: Spawner, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
@@ -474,11 +525,25 @@ def test_env_gc_stops_the_warm_process_of_an_env_it_removes(
 
 
 def test_a_warm_process_ends_after_its_idle_time(
-    dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
+    dbtvenv: RunDbtvenv, standin_cache: dict[str, str], run_dir: Path
 ) -> None:
-    environ = {**standin_cache, "DBT_TARGET": "idle-test", "DBTVENV_WARM_IDLE": "1"}
-    server = warm_up(make_env(environ))
-    assert_no_survivors([server], timeout=30)
+    """The first run starts it (with that run's DBTVENV_WARM_IDLE); with no request, it exits."""
+    environ = {**standin_cache, "DBT_TARGET": "idle-test", "DBTVENV_WARM_IDLE": "2"}
+    states = run_dir / "dbtvenv"
+    before = set(states.glob("w*-*.json"))
+    first = dbtvenv("run", env=environ)
+    assert "running dbt directly while its warm process starts" in first.err, first
+    deadline = time.monotonic() + 60
+    while not (new := set(states.glob("w*-*.json")) - before):
+        assert time.monotonic() < deadline, "the warm process never started"
+        time.sleep(0.05)
+    [state] = new
+    try:
+        server = json.loads(state.read_text())["pid"]
+    except FileNotFoundError:  # it has come and gone already
+        return
+    assert_no_survivors([server], timeout=60)
+    assert not state.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "1e9"])
