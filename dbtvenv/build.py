@@ -21,8 +21,8 @@ from dbtvenv.compat import explain_failure, repairs, source_build_note
 from dbtvenv.errors import BuildError, LockLost, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.redact import redact, redact_all
-from dbtvenv.spec import EnvSpec
-from dbtvenv.store import write_manifest
+from dbtvenv.spec import EnvSpec, InputFile
+from dbtvenv.store import script_record, sync_tree, write_manifest
 
 # Never leak into a helper: they would load the wrong modules, or skip compiling bytecode.
 # PIP_USER, PIP_TARGET, PIP_PREFIX and PIP_ROOT (Airflow's images set PIP_USER) would send
@@ -197,6 +197,38 @@ def venv_command(installer: str, env_dir: Path, spec: EnvSpec) -> list[str]:
     return [spec.python.executable, "-m", "venv", *without_pip, *site, str(env_dir)]
 
 
+# Inside the env being built: the installer's temp dir and the private copies of the input
+# files. Removed before the manifest is written; a killed build leaves it in the half-built
+# env, which goes as a whole.
+BUILD_DIR = ".dbtvenv-build"
+
+
+def _prepare_build_dir(env_dir: Path, spec: EnvSpec) -> tuple[EnvSpec, Path]:
+    """The spec as the installer gets it (input files replaced by private copies of the bytes
+    keyed) and the temp dir for the installer."""
+    from dbtvenv.spec import private_copy
+
+    build_dir = env_dir / BUILD_DIR
+    tmp = build_dir / "tmp"
+    tmp.mkdir(mode=0o700, parents=True)
+    copies: dict[str, list[InputFile]] = {"requirements": [], "constraints": []}
+    for kind, files in (
+        ("requirements", spec.requirements_files),
+        ("constraints", spec.constraints_files),
+    ):
+        for number, input_file in enumerate(files, 1):
+            copy = build_dir / f"{kind}-{number}.txt"
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(fd, "wb") as f:
+                f.write(private_copy(input_file))
+            copies[kind].append(input_file._replace(path=copy))
+    installed = spec._replace(
+        requirements_files=tuple(copies["requirements"]),
+        constraints_files=tuple(copies["constraints"]),
+    )
+    return installed, tmp
+
+
 def build_env(
     env_dir: Path,
     spec: EnvSpec,
@@ -205,10 +237,13 @@ def build_env(
     reporter: Reporter,
     on_tick: Callable[[], None] = lambda: None,
     tick: float = 1.0,
+    durable: bool = False,
 ) -> dict[str, Any]:
     """Create, fill and verify the env at `env_dir` (which must not exist) and mark it complete.
 
-    On failure the half-built env is removed and a `BuildError` says why.
+    `durable`: the env's files are on disk before the manifest is written (a cache env; a
+    temporary one does not outlive a power loss anyway). On failure the half-built env is
+    removed and a `BuildError` says why.
     """
     started = time.monotonic()
     env = procs.child_environment(remove=_HELPER_ENV_REMOVE)
@@ -220,6 +255,7 @@ def build_env(
     # others who use it (and the trust check) rely on that.
     umask = os.umask(0o022)
     os.umask(umask | 0o022)
+    keyed = spec
     try:
         reporter.phase(f"creating a virtual environment with Python {spec.python.version}")
         _run(
@@ -236,6 +272,9 @@ def build_env(
             (env_dir / dbt_lines.CONSTRAINTS_FILE).write_text(
                 dbt_lines.constraints_text(spec.implied_pins)
             )
+        spec, tmp = _prepare_build_dir(env_dir, spec)
+        # pip's and uv's unpack and build dirs go with the env if the build is killed.
+        env = {**env, "TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)}
         count = len(spec.requirements) + len(spec.requirements_files)
         reporter.phase(f"installing {count} requirement(s) with {installer}")
         install = functools.partial(
@@ -250,7 +289,8 @@ def build_env(
         )
         install(spec)
         reporter.phase("verifying dbt")
-        if not os.access(env_dir / "bin" / "dbt", os.X_OK):
+        dbt = env_dir / "bin" / "dbt"
+        if not os.access(dbt, os.X_OK) or not dbt.is_file():
             raise BuildError(
                 "the env has no dbt executable after install: the requirements hold no dbt "
                 "adapter or dbt-core; add one, e.g. --requirements 'dbt-postgres~=1.9.0'"
@@ -273,7 +313,7 @@ def build_env(
             "format": 1,
             "dbtvenv_version": __version__,
             "key": env_dir.name,
-            "spec": spec.describe(),
+            "spec": keyed.describe(),
             "python": {
                 "executable": spec.python.executable,
                 "version": spec.python.version,
@@ -283,9 +323,14 @@ def build_env(
             "implied_pins": [pin.requirement for pin in spec.implied_pins],
             "repairs": [fix.requirement for fix in fixes],
             "distributions": [{"name": n, "version": v} for n, v in distributions],
+            "dbt_executable": script_record(dbt),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.monotonic() - started, 2),
         }
+        shutil.rmtree(env_dir / BUILD_DIR, ignore_errors=True)
+        if durable:
+            reporter.phase("writing the env to disk")
+            sync_tree(env_dir)
         on_tick()  # a builder that lost its lock must not mark the new holder's env complete
         write_manifest(env_dir, manifest)
     except BaseException as exc:

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from dbtvenv import __version__
-from dbtvenv.errors import EX_USAGE
+from dbtvenv.errors import EX_USAGE, UsageError
 from dbtvenv.options import (
     CHOICE,
     COMPLETE_VAR,
@@ -23,6 +23,7 @@ from dbtvenv.options import (
     DBT_SUBCOMMANDS,
     ENV_OPTIONS,
     FLAG,
+    MAX_LOCK_TIMEOUT,
     MULTIPLE,
     SECONDS,
     parse_seconds,
@@ -57,7 +58,7 @@ else:
 
 
 class Seconds(_FloatParamType):
-    """A finite, non-negative number of seconds."""
+    """A number of seconds from 0 to MAX_LOCK_TIMEOUT."""
 
     name = "seconds"
 
@@ -66,7 +67,11 @@ class Seconds(_FloatParamType):
     ) -> float:
         seconds = parse_seconds(value)
         if seconds is None:
-            self.fail(f"{value!r} is not a number of seconds (0 or more), such as 300", param, ctx)
+            self.fail(
+                f"{value!r} is not a number of seconds from 0 to {MAX_LOCK_TIMEOUT:g}, such as 300",
+                param,
+                ctx,
+            )
         return seconds
 
 
@@ -170,8 +175,8 @@ class OrderedGroup(click.Group):
 TOP_EPILOG = """\b
 Environment:
   DBTVENV_*               each ENV OPTION has one, e.g. DBTVENV_VENV_DIR
-  DBTVENV_KILL_GRACE      seconds dbt gets to stop after a signal (default 30)
-  DBTVENV_LOCK_LEASE      seconds until another host's lock is stale (60)
+  DBTVENV_KILL_GRACE      seconds dbt gets to stop after a signal (30, 0-3600)
+  DBTVENV_LOCK_LEASE      seconds a remote lock lives unrenewed (60, 1-3600)
   DBTVENV_WARM_IDLE       seconds a warm process waits for a request (600)
   DBTVENV_TRUSTED_OWNERS  users whose envs to use besides your own and root's
   NO_COLOR                no colours on a terminal
@@ -186,6 +191,7 @@ Exit status:
   69         the env could not be built (pip failed, no dbt in the env)
   73         the venv dir cannot be created or written, or another user
              owns or could change what is in it (see docs/security.md)
+  74         dbtvenv's own output could not be written
   75         the lock was not acquired in time: try again later
 
 Run 'dbtvenv COMMAND --help' for a command's options and examples, and
@@ -608,7 +614,7 @@ def completion(shell: str) -> int:
       dbtvenv completion zsh > "${fpath[1]}/_dbtvenv"
       dbtvenv completion fish > ~/.config/fish/completions/dbtvenv.fish
     """
-    click.echo(completion_script(shell))
+    commands.out(completion_script(shell))
     return 0
 
 
@@ -626,7 +632,7 @@ def run(args: Sequence[str]) -> int:
     dbtvenv's errors propagate to the boundary in `dbtvenv.main`.
     """
     if os.environ.get(COMPLETE_VAR):  # a shell asks for completions: Click answers and exits
-        cli.main(args=list(args), prog_name="dbtvenv", complete_var=COMPLETE_VAR)
+        _complete(args)
     # Not `cli.main()`: that turns a broken pipe into exit 1 even outside standalone mode.
     try:
         with cli.make_context("dbtvenv", list(args)) as ctx:
@@ -642,6 +648,20 @@ def run(args: Sequence[str]) -> int:
         commands.echo_error(redact(exc.format_message()))
         return EX_USAGE
     return result if isinstance(result, int) else 0
+
+
+def _complete(args: Sequence[str]) -> None:
+    """Answer a completion script; the variables it sets missing or malformed are a usage error
+    (someone set the variable by hand), never a crash."""
+    try:
+        cli.main(args=list(args), prog_name="dbtvenv", complete_var=COMPLETE_VAR)
+    except (KeyError, ValueError, IndexError):
+        raise UsageError(
+            f"{COMPLETE_VAR}={os.environ.get(COMPLETE_VAR)!r} asks for shell completions, but "
+            "COMP_WORDS and COMP_CWORD, which the completion script sets with it, are missing "
+            f"or malformed; unset {COMPLETE_VAR}, or install the script from "
+            "'dbtvenv completion SHELL'"
+        ) from None
 
 
 def usage_message(exc: click.UsageError) -> str:

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from dbtvenv import provision, store, trust
-from dbtvenv.errors import EX_NOT_FOUND, DbtvenvError, EnvBusy, EnvNotFound, UsageError
+from dbtvenv.errors import (
+    EX_NOT_FOUND,
+    DbtvenvError,
+    EnvBusy,
+    EnvNotFound,
+    OutputError,
+    UsageError,
+    VenvDirError,
+)
 from dbtvenv.progress import Reporter, make_reporter
-from dbtvenv.settings import DEFAULT_KILL_GRACE, Settings, env_seconds, lock_lease
+from dbtvenv.settings import Settings, kill_grace, lock_lease
 from dbtvenv.spec import EnvSpec, resolve_spec
 
 
@@ -54,7 +62,7 @@ class EnvOptions(NamedTuple):
             installer=self.installer,
             lock_timeout=self.lock_timeout,
             lock_lease=lock_lease(),
-            kill_grace=env_seconds("DBTVENV_KILL_GRACE", DEFAULT_KILL_GRACE),
+            kill_grace=kill_grace(),
         )
 
     @property
@@ -64,7 +72,7 @@ class EnvOptions(NamedTuple):
     def cache_root(self, command: str) -> Path:
         if not self.venv_dir:
             raise UsageError(f"{command} needs --venv-dir DIR (or DBTVENV_VENV_DIR)")
-        return Path(self.venv_dir).expanduser().absolute()
+        return absolute_dir(self.venv_dir)
 
 
 def run_dbt(options: EnvOptions, dbt_args: Sequence[str]) -> int:
@@ -120,13 +128,13 @@ def env_prepare(options: EnvOptions) -> int:
             reporter.info(f"env {spec.key} is complete and healthy; nothing to build")
     finally:
         reporter.close()
-    print(env_dir, flush=True)
+    out(str(env_dir))
     return 0
 
 
 def env_path(options: EnvOptions) -> int:
     """Where the spec's env lives (or would); creates nothing, not even the venv dir."""
-    print(options.cache_root("env path") / options.spec().key, flush=True)
+    out(str(options.cache_root("env path") / options.spec().key))
     return 0
 
 
@@ -146,16 +154,17 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
         _print_json(env_info_json(entry))
         return 0
     manifest = entry.manifest
-    spec = manifest.get("spec") or {}
-    python = manifest.get("python") or {}
+    # A manifest damaged by hand is shown as far as it makes sense, never a crash.
+    spec = store.as_dict(manifest.get("spec"))
+    python = store.as_dict(manifest.get("python"))
     rows = [
         ("key", key),
         ("path", str(entry.path)),
-        ("requirements", " ".join(spec.get("requirements", [])) or "-"),
-        ("requirements files", _paths(spec.get("requirements_files", []))),
-        ("constraints files", _paths(spec.get("constraints_files", []))),
-        ("pip install options", shlex.join(spec.get("pip_install_options", [])) or "-"),
-        ("system site packages", "yes" if spec.get("system_site_packages") else "no"),
+        ("requirements", " ".join(store.strings(spec.get("requirements"))) or "-"),
+        ("requirements files", _paths(spec.get("requirements_files"))),
+        ("constraints files", _paths(spec.get("constraints_files"))),
+        ("pip install options", shlex.join(store.strings(spec.get("pip_install_options"))) or "-"),
+        ("system site packages", "yes" if spec.get("system_site_packages") is True else "no"),
         (
             "python",
             f"{python.get('implementation', '?')} {python.get('version', '?')} "
@@ -176,7 +185,7 @@ def env_info(options: EnvOptions, *, as_json: bool) -> int:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += [f"{'':<{width}}  {name}=={version}" for name, version in _manifest_dists(manifest)]
-    print("\n".join(lines), flush=True)
+    out("\n".join(lines))
     return 0
 
 
@@ -217,13 +226,13 @@ def env_info_json(entry: store.EnvEntry) -> dict[str, Any]:
 def _manifest_dists(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (str(d.get("name")), str(d.get("version")))
-        for d in manifest.get("distributions", [])
+        for d in store.as_list(manifest.get("distributions"))
         if isinstance(d, dict)
     ]
 
 
-def _paths(files: list[dict[str, str]]) -> str:
-    return " ".join(str(f.get("path")) for f in files) or "-"
+def _paths(files: object) -> str:
+    return " ".join(store.file_paths(files)) or "-"
 
 
 def _versions(dists: dict[str, str]) -> str:
@@ -309,7 +318,7 @@ def print_table(
         grid += [[c if isinstance(c, str) else " ".join(c) for c in row] for row in rows]
         widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
         lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() for r in grid]
-        print("\n".join(lines), flush=True)
+        out("\n".join(lines))
         return
     from rich.console import Console
     from rich.table import Table
@@ -347,7 +356,10 @@ def print_table(
                 for i in shown
             )
         )
-    console.print(table)
+    try:
+        console.print(table)
+    except OSError as exc:
+        raise OutputError.writing("stdout", exc) from None
 
 
 def _rich_stdout() -> bool:
@@ -355,13 +367,13 @@ def _rich_stdout() -> bool:
 
 
 def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2), flush=True)
+    out(json.dumps(value, indent=2))
 
 
 def env_keys(venv_dir: str) -> list[str]:
     """The keys of the envs in a cache dir (for shell completion); never raises."""
     try:
-        return store.env_keys(Path(venv_dir).expanduser().absolute())
+        return store.env_keys(absolute_dir(venv_dir))
     except DbtvenvError:
         return []
 
@@ -406,7 +418,7 @@ def env_rm(
         if in_use:
             reporter.info(f"env {key} was in use; removed it anyway (--force)")
         _stop_warm_of(env_dir, reporter)
-        print(f"removed env {key} ({human_size(size)})", flush=True)
+        out(f"removed env {key} ({human_size(size)})")
     return status
 
 
@@ -427,7 +439,7 @@ def env_stop_warm(venv_dir: str | None, keys: Sequence[str], *, stop_all: bool) 
         raise UsageError("env stop-warm takes KEY... or --all, not both")
     if not stop_all and not keys:
         raise UsageError("env stop-warm needs the KEY of an env (see 'dbtvenv env list') or --all")
-    root = Path(venv_dir).expanduser().absolute() if venv_dir else None
+    root = absolute_dir(venv_dir) if venv_dir else None
     if keys and root is None:
         raise UsageError("env stop-warm KEY... needs --venv-dir DIR (or DBTVENV_VENV_DIR)")
     if stop_all:
@@ -440,7 +452,7 @@ def env_stop_warm(venv_dir: str | None, keys: Sequence[str], *, stop_all: bool) 
     stopped = 0
     for env_dir in envs:
         for warm in stop_warm(env_dir):
-            print(f"stopped warm process {warm.pid} of env {env_dir.name}", flush=True)
+            out(f"stopped warm process {warm.pid} of env {env_dir.name}")
             stopped += 1
     if not stopped:
         Reporter().info("no warm process of this user to stop")
@@ -451,6 +463,10 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}
 
 
+# The documented range of --older-than (README, "Numbers"): up to 100 years.
+MAX_OLDER_THAN = 36500 * 86400.0
+
+
 def parse_duration(text: str) -> float:
     """`30d`, `12h`, `90m`, `45s`, `2w`; a bare number is days."""
     match = _DURATION.match(text)
@@ -459,7 +475,13 @@ def parse_duration(text: str) -> float:
             f"--older-than {text!r} is not a duration: write a number with a unit "
             "s, m, h, d or w, e.g. 30d, 12h or 90m"
         )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_OLDER_THAN:
+        raise UsageError(
+            f"--older-than {text!r} is more than 36500d (100 years); write a shorter duration, "
+            "e.g. 30d"
+        )
+    return seconds
 
 
 def env_gc(venv_dir: str | None, *, older_than: str, dry_run: bool) -> int:
@@ -468,7 +490,8 @@ def env_gc(venv_dir: str | None, *, older_than: str, dry_run: bool) -> int:
     from dbtvenv.gc import collect
 
     cutoff = time.time() - parse_duration(older_than)
-    root = Path(venv_dir).expanduser().absolute() if venv_dir else None
+    lock_lease()  # a bad DBTVENV_LOCK_LEASE is a usage error before anything is looked at
+    root = absolute_dir(venv_dir) if venv_dir else None
     found = collect(root, cutoff=cutoff, dry_run=dry_run, reporter=Reporter())
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb}  {human_size(i.size):>10}  {i.path}  ({i.why})" for i in found]
@@ -480,7 +503,7 @@ def env_gc(venv_dir: str | None, *, older_than: str, dry_run: bool) -> int:
         lines.append(f"would free {total} ({items}); nothing was removed (--dry-run)")
     else:
         lines.append(f"freed {total} ({items})")
-    print("\n".join(lines), flush=True)
+    out("\n".join(lines))
     return 0
 
 
@@ -490,8 +513,10 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
     path = provision.lock_path(root, key)
     from dbtvenv.lock import read_lock
 
+    # One look: another host's holder cannot be judged by it (see docs/locking.md).
     state = read_lock(path, lease=lock_lease())
     status = "free" if state is None else ("stale" if state.stale_reason else "held")
+    other_host = state is not None and state.other_host
     if as_json:
         _print_json(
             {
@@ -500,6 +525,9 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
                 "state": status,
                 "holder": state.holder.to_json() if state and state.holder else None,
                 "stale_reason": state.stale_reason if state else None,
+                "other_host": other_host,
+                "lease": state.lease if other_host and state else None,
+                "modified": store.iso(state.mtime) if state else None,
             }
         )
         return 0
@@ -509,6 +537,15 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
     else:
         if state.stale_reason:
             rows.append(("state", f"stale: {state.stale_reason}; the next run takes it over"))
+        elif other_host:
+            rows.append(
+                (
+                    "state",
+                    "held by another host: one look cannot tell whether its holder lives; a "
+                    f"waiter takes it over once it has seen it unchanged for {state.lease:g} s "
+                    f"(the lease); last changed {ago(state.mtime)} by this host's clock",
+                )
+            )
         else:
             rows.append(("state", "held"))
         holder = state.holder
@@ -524,7 +561,7 @@ def lock_status(options: EnvOptions, *, as_json: bool) -> int:
                 ("command", shlex.join(holder.argv)),
             ]
     width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
+    out("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     return 0
 
 
@@ -547,6 +584,28 @@ def ago(timestamp: float | None) -> str:
         if seconds >= length:
             return f"{seconds // length:.0f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+def out(text: str) -> None:
+    """One piece of the command's output, on stdout, flushed: a full disk is exit 74."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader has gone: the boundary exits as SIGPIPE would
+    except OSError as exc:
+        raise OutputError.writing("stdout", exc) from None
+
+
+def absolute_dir(venv_dir: str) -> Path:
+    """The venv dir as an absolute path; a relative one in a removed working dir is 73."""
+    try:
+        return Path(venv_dir).expanduser().absolute()
+    except OSError:
+        raise VenvDirError(
+            f"venv dir {venv_dir!r} is relative, and the current directory no longer exists; "
+            "give an absolute --venv-dir, or run from an existing directory"
+        ) from None
 
 
 MAX_DETAIL = 400

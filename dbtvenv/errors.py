@@ -10,6 +10,7 @@ EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_SIGNAL_BASE = 128
 
@@ -52,6 +53,22 @@ class OutputFileError(DbtvenvError):
     """A file dbtvenv was asked to write (`dbtvenv shim --output PATH`) cannot be written."""
 
     exit_code = EX_CANTCREAT
+
+
+class OutputError(DbtvenvError):
+    """dbtvenv's own output (stdout, or its messages on stderr) could not be written."""
+
+    exit_code = EX_IOERR
+    stream = "stdout"
+
+    @classmethod
+    def writing(cls, stream: str, exc: OSError) -> OutputError:
+        error = cls(
+            f"cannot write to {stream}: {exc.strerror or exc}; free space on the file system "
+            f"{stream} goes to, or send it elsewhere"
+        )
+        error.stream = stream
+        return error
 
 
 class EnvBusy(DbtvenvError):

@@ -24,11 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dbtvenv import procs, trust
 from dbtvenv.errors import LockLost, LockTimeout, VenvDirError
 from dbtvenv.redact import redact_all
+from dbtvenv.settings import LOCK_LEASE_RANGE
+
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10+; only ever read by the type checker
 
 UNPARSEABLE_GRACE = 10.0
 POLL_INTERVAL = 1.0
@@ -39,6 +43,10 @@ GUARD_MIN_WAIT = 1.0
 RELEASE_GUARD_WAIT = 10.0
 GUARD_POLL = 0.05
 MAX_LOCK_BYTES = 1 << 16
+# The range of a lease (DBTVENV_LOCK_LEASE, and the one a holder records in its lock).
+MIN_LEASE, MAX_LEASE = LOCK_LEASE_RANGE
+# Far above any pid a kernel hands out (Linux: at most 2**22), far below what psutil chokes on.
+MAX_PID = 2**31 - 1
 
 
 class GuardTimeout(Exception):
@@ -84,35 +92,57 @@ class Holder(NamedTuple):
     hostname: str
     acquired_at: str
     argv: tuple[str, ...]
+    lease: float | None = None  # the holder's lease; absent in locks of older releases
 
     @classmethod
     def parse(cls, raw: bytes) -> Holder | None:
-        """The holder a lock file names, or None if it is not a complete, sane lock."""
+        """The holder a lock file names, or None if it is not a complete, sane lock.
+
+        Anything JSON can hold is taken apart by type, never converted: a pid of `1e400`,
+        `true` or `"12"` makes the file unparseable, not a crash.
+        """
         try:
             data = json.loads(raw)
-            if not isinstance(data["argv"], list):
-                return None
-            holder = cls(
-                pid=int(data["pid"]),
-                create_time=float(data["create_time"]),
-                hostname=str(data["hostname"]),
-                acquired_at=str(data["acquired_at"]),
-                argv=tuple(str(a) for a in data["argv"]),
-            )
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        except (ValueError, RecursionError):
             return None
-        if holder.pid <= 0 or not math.isfinite(holder.create_time) or not holder.hostname:
+        if not isinstance(data, dict):
             return None
-        return holder
+        pid = data.get("pid")
+        create_time = data.get("create_time")
+        hostname = data.get("hostname")
+        acquired_at = data.get("acquired_at")
+        argv = data.get("argv")
+        lease = data.get("lease")
+        if not (_is_int(pid) and 0 < pid <= MAX_PID):
+            return None
+        if not (_is_number(create_time) and 0 <= create_time < math.inf):
+            return None
+        if not isinstance(hostname, str) or not hostname or not isinstance(acquired_at, str):
+            return None
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            return None
+        if lease is not None and not (_is_number(lease) and MIN_LEASE <= lease <= MAX_LEASE):
+            return None
+        return cls(
+            pid=pid,
+            create_time=float(create_time),
+            hostname=hostname,
+            acquired_at=acquired_at,
+            argv=tuple(argv),
+            lease=None if lease is None else float(lease),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "pid": self.pid,
             "create_time": self.create_time,
             "hostname": self.hostname,
             "acquired_at": self.acquired_at,
             "argv": list(self.argv),
         }
+        if self.lease is not None:
+            data["lease"] = self.lease
+        return data
 
     def same_process(self, other: Holder) -> bool:
         return (self.pid, self.create_time, self.hostname) == (
@@ -129,6 +159,20 @@ class Holder(NamedTuple):
         )
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    """A finite JSON number (`NaN` and `Infinity` are what Python's json also reads)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _printable(text: str) -> str:
     """Text for a one-line message: control characters (a newline in an argument) escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -142,6 +186,13 @@ class LockState(NamedTuple):
     mtime: float
     stale_reason: str | None
     unreadable_by: int | None = None  # the owner's uid, when we may not read the file
+    unchanged_for: float = 0.0  # how long this process has seen it unchanged (monotonic)
+    lease: float = 0.0  # the lease it is judged by: the longer of ours and its holder's
+    is_directory: bool = False
+
+    @property
+    def other_host(self) -> bool:
+        return self.holder is not None and self.holder.hostname != procs.hostname()
 
     def describe(self) -> str:
         if self.unreadable_by is not None:
@@ -154,14 +205,48 @@ class LockState(NamedTuple):
         return self.holder.describe()
 
 
-def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockState | None:
-    """The lock's state, or None when it is free. A symlink is read as itself, never followed.
+class Watch:
+    """What one process has seen of one lock file, timed on its own monotonic clock.
+
+    Another host's holder cannot be looked up; it proves it is alive by changing its lock
+    file (its lease renewals set the mtime). A lock this process has seen unchanged for a whole
+    lease is stale, whatever its mtime says: clocks that disagree neither wedge nor shorten.
+    """
+
+    def __init__(self) -> None:
+        self._signature: object = None
+        self._since = 0.0
+
+    def unchanged_for(self, signature: object, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if signature != self._signature:
+            self._signature = signature
+            self._since = now
+        return now - self._since
+
+
+def effective_lease(holder: Holder | None, lease: float) -> float:
+    """A waiter never judges a holder by a lease shorter than the one the holder renews by."""
+    if holder is not None and holder.lease is not None:
+        return max(lease, holder.lease)
+    return lease
+
+
+def read_lock(
+    path: Path, *, lease: float, watch: Watch | None = None, now: float | None = None
+) -> LockState | None:
+    """The lock's state, or None when it is free. A symlink is read as itself, never followed;
+    a directory, FIFO or socket in its place is an unparseable lock, and nothing blocks.
+
+    `watch` carries what this process saw of the file at its earlier looks: without one
+    (a single look, as `lock status` takes), another host's lock is never stale.
 
     The modification time comes from the open file (`fstat`), not from `stat` of the path: on
     NFS, opening revalidates the attributes (close-to-open), a bare `stat` may be cached.
     """
+    is_directory = False
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
@@ -179,39 +264,68 @@ def read_lock(path: Path, *, lease: float, now: float | None = None) -> LockStat
                 "venv dir, or choose another --venv-dir"
             ) from None
         return LockState(path, None, st.st_mtime, None, unreadable_by=st.st_uid)
-    except OSError:  # ELOOP: a symlink where the lock should be: treat as unparseable
+    except OSError:  # ELOOP (a symlink), ENXIO (a socket): unparseable
         try:
-            mtime = os.lstat(path).st_mtime
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
-        holder = None
+        holder, raw = None, b""
     else:
         try:
             st = os.fstat(fd)
-            mtime = st.st_mtime
-            try:
-                # Never read from a FIFO or device planted in the lock's place
-                raw = os.read(fd, MAX_LOCK_BYTES) if stat.S_ISREG(st.st_mode) else b""
-            except OSError:  # a directory, or worse, where the lock should be
-                raw = b""
+            is_directory = stat.S_ISDIR(st.st_mode)
+            raw = b""
+            if stat.S_ISREG(st.st_mode):  # never read from a FIFO or device planted there
+                with contextlib.suppress(OSError):
+                    raw = os.read(fd, MAX_LOCK_BYTES)
         finally:
             os.close(fd)
         holder = Holder.parse(raw)
+    signature = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size, raw)
+    unchanged = watch.unchanged_for(signature) if watch is not None else 0.0
+    judged_by = effective_lease(holder, lease)
     now = time.time() if now is None else now
-    return LockState(path, holder, mtime, stale_reason(holder, mtime, lease=lease, now=now))
+    reason = stale_reason(holder, st.st_mtime, lease=lease, now=now, unchanged_for=unchanged)
+    return LockState(
+        path,
+        holder,
+        st.st_mtime,
+        reason,
+        unchanged_for=unchanged,
+        lease=judged_by,
+        is_directory=is_directory,
+    )
 
 
-def stale_reason(holder: Holder | None, mtime: float, *, lease: float, now: float) -> str | None:
-    """Why the lock may be taken over, or None while its holder may be alive."""
-    age = now - mtime
+def stale_reason(
+    holder: Holder | None,
+    mtime: float,
+    *,
+    lease: float,
+    now: float,
+    unchanged_for: float = 0.0,
+) -> str | None:
+    """Why the lock may be taken over, or None while its holder may be alive.
+
+    `unchanged_for` is how long the caller has itself seen the file unchanged, on its
+    monotonic clock; `now` and `mtime` are wall-clock times, trusted only for this host's
+    files and then only to call an unparseable file old.
+    """
     if holder is None:
+        age = now - mtime
         if age > UNPARSEABLE_GRACE:
             return f"it cannot be parsed and is {age:.0f} s old"
+        if unchanged_for >= UNPARSEABLE_GRACE:
+            return f"it cannot be parsed and has not changed for {unchanged_for:.0f} s"
         return None
     if holder.hostname == procs.hostname():
         return holder_gone(holder.pid, holder.create_time)
-    if age > lease:
-        return f"its holder on {holder.hostname} has not refreshed it for {age:.0f} s"
+    judged_by = effective_lease(holder, lease)
+    if unchanged_for >= judged_by:
+        return (
+            f"its holder on {_printable(holder.hostname)} has not renewed it for "
+            f"{unchanged_for:.0f} s, a whole lease ({judged_by:g} s)"
+        )
     return None
 
 
@@ -271,27 +385,24 @@ class EnvLock:
     def acquire(self) -> None:
         identity = procs.own_identity()
         deadline = time.monotonic() + self.timeout
+        watch = Watch()
         told: Holder | str | None = "nobody"
         while True:
             remaining = deadline - time.monotonic()
             try:
                 with hold_guard(self.guard_path, timeout=max(remaining, GUARD_MIN_WAIT)):
-                    state = read_lock(self.path, lease=self.lease)
+                    state = read_lock(self.path, lease=self.lease, watch=watch)
                     free = state is None or state.stale_reason is not None
-                    if free and self._write(identity, replace=state is not None):
+                    if free and self._write(identity, stale=state):
                         break
                     if state is None:  # created meanwhile by a process that ignored the guard
-                        state = read_lock(self.path, lease=self.lease)
+                        state = read_lock(self.path, lease=self.lease, watch=watch)
             except GuardTimeout:
-                state = read_lock(self.path, lease=self.lease)
+                state = read_lock(self.path, lease=self.lease, watch=watch)
             except OSError as exc:
                 raise VenvDirError(_cannot_lock(self.path, exc)) from None
             if time.monotonic() >= deadline:
-                who = state.describe() if state is not None else "another process"
-                raise LockTimeout(
-                    f"gave up after {self.timeout:g} s waiting for the lock {self.path}, "
-                    f"held by {who}; try again later, or raise --lock-timeout"
-                )
+                raise LockTimeout(_timeout_message(self.path, self.timeout, state))
             holder = state.holder if state is not None else None
             if holder != told:
                 told = holder
@@ -305,12 +416,13 @@ class EnvLock:
                 f"(was {state.describe()})"
             )
 
-    def _write(self, identity: procs.ProcessIdentity, *, replace: bool) -> bool:
-        """Put our lock file in place: False if another process's appeared meanwhile.
+    def _write(self, identity: procs.ProcessIdentity, *, stale: LockState | None) -> bool:
+        """Put our lock file in place of `stale` (None: of no file): False if another
+        process's appeared meanwhile.
 
         Written whole to a private file, then linked (a new lock: fails if one exists, even
         where the guard is not honoured) or renamed (a takeover) into place, so a reader never
-        sees half a lock.
+        sees half a lock. A directory in the lock's place is moved aside first.
         """
         me = Holder(
             pid=identity.pid,
@@ -318,7 +430,11 @@ class EnvLock:
             hostname=identity.hostname,
             acquired_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             argv=self.argv,
+            lease=self.lease,
         )
+        replace = stale is not None and not stale.is_directory
+        if stale is not None and stale.is_directory:
+            _move_aside(self.path)
         tmp = self.path.with_name(f".{self.path.name}.{identity.pid}.{os.urandom(4).hex()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -392,8 +508,8 @@ class EnvLock:
         if self._lost is not None:
             raise LockLost(
                 f"lost the lock {self.path} while building the env: {self._lost}; this "
-                "process was stopped for longer than DBTVENV_LOCK_LEASE, or the hosts' clocks "
-                "disagree by more than that; leaving the env to the new holder, try again later"
+                "process was stopped for longer than its lease (DBTVENV_LOCK_LEASE), or its lock "
+                "file was changed by hand; leaving the env to the new holder, try again later"
             )
 
     def _start_refresher(self) -> None:
@@ -475,6 +591,41 @@ def _not_replaceable(path: Path) -> trust.Untrusted:
         "(the venv dir is sticky); ask its owner or root to remove it, or choose another "
         "--venv-dir"
     )
+
+
+def _timeout_message(path: Path, timeout: float, state: LockState | None) -> str:
+    who = state.describe() if state is not None else "another process"
+    message = (
+        f"gave up after {timeout:g} s waiting for the lock {path}, held by {who}; "
+        "try again later, or raise --lock-timeout"
+    )
+    if state is not None and state.other_host:
+        message += (
+            f" (another host's lock is taken over once this host has seen it unchanged for "
+            f"its lease, {state.lease:g} s; it was unchanged for {state.unchanged_for:.0f} s)"
+        )
+    return message
+
+
+def _move_aside(path: Path) -> None:
+    """Take a directory in the lock's place out of the way (a stale one, which the guard
+    makes ours to take over): renamed as a half-removed env, then deleted. One of a user
+    this one does not trust is refused, never deleted."""
+    from dbtvenv import store
+
+    try:
+        owner = os.lstat(path).st_uid
+    except FileNotFoundError:
+        return
+    if owner not in trust.trusted_uids():
+        raise _not_replaceable(path)
+    key = path.name[: -len(store.LOCK_SUFFIX)]
+    doomed = path.with_name(f".{key}.{os.urandom(4).hex()}.trash")
+    try:
+        os.rename(path, doomed)
+    except PermissionError:
+        raise _not_replaceable(path) from None
+    store.remove_tree(doomed)
 
 
 def _cannot_lock(path: Path, exc: OSError) -> str:

@@ -39,6 +39,8 @@ COMPLETE_VAR = "_DBTVENV_COMPLETE"
 
 INSTALLERS = ("pip", "uv")
 DEFAULT_LOCK_TIMEOUT = 120.0
+# The documented range of every number of seconds dbtvenv takes (README, "Numbers").
+MAX_LOCK_TIMEOUT = 86400.0
 
 # What kind of value an option takes.
 MULTIPLE = "multiple"  # repeatable; its variable is split at whitespace
@@ -202,13 +204,15 @@ OWN_OPTIONS_TAKE_VALUE = {
 }
 
 
-def parse_seconds(text: object) -> float | None:
-    """A finite, non-negative number of seconds, or None."""
+def parse_seconds(
+    text: object, *, minimum: float = 0.0, maximum: float = MAX_LOCK_TIMEOUT
+) -> float | None:
+    """A number of seconds within [minimum, maximum], or None."""
     try:
         seconds = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return seconds if math.isfinite(seconds) and minimum <= seconds <= maximum else None
 
 
 def split_own_options(args: Sequence[str]) -> tuple[list[str], list[str]]:

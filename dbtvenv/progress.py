@@ -66,8 +66,15 @@ class Reporter:
 
     def _emit(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.stream.write(f"{stamp} dbtvenv: {redact(message)}\n")
-        self.stream.flush()
+        try:
+            self.stream.write(f"{stamp} dbtvenv: {redact(message)}\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk under the log: stop, rather than build unseen
+            from dbtvenv.errors import OutputError
+
+            raise OutputError.writing("stderr", exc) from None
         self._last = time.monotonic()
 
     def info(self, message: str) -> None:

@@ -45,11 +45,11 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
         reason = store.env_problem(env_dir)  # another process may have just built it
         if reason is None:
             return env_dir
-        reporter.info(f"building env {spec.key}: {reason}")
-        if env_dir.exists() or env_dir.is_symlink():
+        if os.path.lexists(env_dir):
             _discard(env_dir, reason)
+        reporter.info(f"building env {spec.key}: {reason}")
         # The lease is renewed by the lock's own thread; the build only checks it still holds it.
-        _build(env_dir, spec, settings, reporter, on_tick=lock.check)
+        _build(env_dir, spec, settings, reporter, on_tick=lock.check, durable=True)
     return env_dir
 
 
@@ -94,6 +94,7 @@ def _build(
     *,
     on_tick: Callable[[], None] = lambda: None,
     tick: float = 1.0,
+    durable: bool = False,
 ) -> None:
     from dbtvenv.build import build_env
 
@@ -104,6 +105,7 @@ def _build(
         reporter=reporter,
         on_tick=on_tick,
         tick=min(tick, 1.0),
+        durable=durable,
     )
     distributions = [(d["name"], d["version"]) for d in manifest["distributions"]]
     dbt = ", ".join(f"{n} {v}" for n, v in dbt_lines.installed_dbt(distributions))

@@ -40,10 +40,13 @@ class Interpreter(NamedTuple):
 
 
 class InputFile(NamedTuple):
-    """A requirements or constraints file: its path (for pip), its bytes' digest (for the key)."""
+    """A requirements or constraints file: its path as given (for people and for the relative
+    paths inside it), its bytes as read once (what the installer gets, as a private copy) and
+    their digest (for the key)."""
 
     path: Path
     sha256: str
+    data: bytes = b""
 
 
 class EnvSpec(NamedTuple):
@@ -239,11 +242,23 @@ _FILE_OPTIONS = {
 }
 
 
+# Requirements and constraints files: read once, whole, at most this much.
+MAX_INPUT_BYTES = 1 << 20
+# How long a pipe (`<(...)`) may take to deliver its file.
+PIPE_READ_TIMEOUT = 30.0
+
+
 def _read_input_file(path: str, kind: str) -> tuple[InputFile, bytes]:
-    p = Path(path).expanduser().absolute()
     given = f"check the path given to {_FILE_OPTIONS.get(kind, kind)}"
     try:
-        data = p.read_bytes()
+        p = Path(path).expanduser().absolute()
+    except OSError:  # a relative path, and the working directory was removed
+        raise UsageError(
+            f"{kind} file {path!r} is relative, and the current directory no longer exists; "
+            "give an absolute path, or run from an existing directory"
+        ) from None
+    try:
+        data = read_input(p, kind, path)
     except FileNotFoundError:
         where = "" if os.path.isabs(os.path.expanduser(path)) else f" (looked for {p})"
         raise UsageError(f"{kind} file {path!r} does not exist{where}; {given}") from None
@@ -257,7 +272,81 @@ def _read_input_file(path: str, kind: str) -> tuple[InputFile, bytes]:
             f"cannot read {kind} file {path!r}: {exc.strerror}; make it readable for this user "
             f"or {given}"
         ) from None
-    return InputFile(path=p, sha256=hex_digest(data)), data
+    return InputFile(path=p, sha256=hex_digest(data), data=data), data
+
+
+def read_input(path: Path, kind: str, given: str) -> bytes:
+    """The bytes of a regular file or a pipe (process substitution), read once, bounded in size
+    and, for a pipe, in time. A device (`/dev/zero`), socket or FIFO without data never hangs
+    or floods dbtvenv."""
+    import select
+    import stat
+    import time
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        pipe = stat.S_ISFIFO(mode)
+        if not pipe and not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{kind} file {given!r} is not a regular file (a device or socket); give a "
+                "file, or a pipe such as <(printf 'dbt-duckdb~=1.9.0')"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + PIPE_READ_TIMEOUT
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:  # a pipe whose writer has not written yet
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UsageError(
+                        f"{kind} file {given!r} is a pipe that delivered no end of file within "
+                        f"{PIPE_READ_TIMEOUT:g} s; give a file, or make its writer finish"
+                    ) from None
+                select.select([fd], [], [], left)
+                continue
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_INPUT_BYTES:
+                raise UsageError(
+                    f"{kind} file {given!r} is larger than {MAX_INPUT_BYTES >> 20} MiB, far "
+                    "more than any requirements file; check the path"
+                )
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+_INCLUDE = re.compile(
+    rb"^(?P<lead>[ \t]*(?:-r|-c|-f|(?:--requirement|--constraint|--find-links)(?=[ \t=])))"
+    rb"(?P<sep>[ \t]*=?[ \t]*)(?P<value>[^ \t\r\n]+)"
+)
+
+
+def private_copy(input_file: InputFile) -> bytes:
+    """The bytes to give the installer in place of `input_file`: the bytes keyed, with the
+    files it names by a relative path (`-r base.txt`, `-c constraints.txt`, `-f wheels/`)
+    made absolute, as pip would have resolved them next to the original file."""
+    base = os.fsencode(input_file.path.parent)
+    lines = input_file.data.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        match = _INCLUDE.match(line)
+        if match is None:
+            continue
+        value = match["value"]
+        if os.path.isabs(value) or b":" in value or value.startswith(b"$"):
+            continue  # absolute, a URL, or a variable pip expands
+        resolved = os.path.join(base, value)
+        if match["lead"].strip() in (b"-f", b"--find-links") and not os.path.exists(resolved):
+            continue  # pip reads a find-links path next to the file only if it is there
+        lines[i] = line[: match.start("value")] + resolved + line[match.end("value") :]
+    return b"".join(lines)
 
 
 # Runs on any Python, even 2.7, so that one too old is told so (`-I` is 3.4+: `-E -s` and no

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from dbtvenv import dbt_lines, trust
 from dbtvenv.errors import DbtvenvError, VenvDirError
+from dbtvenv.spec import hex_digest
 
 MANIFEST = "dbtvenv.json"
 # Held shared by every run of dbt in the env, exclusively by whoever removes it; its mtime is
@@ -162,54 +163,160 @@ def write_manifest(env_dir: Path, manifest: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SCRIPT_BYTES = 1 << 16
+_SCRIPT_RECORD = "dbt_executable"
+
+
 def read_manifest(env_dir: Path) -> dict[str, Any] | None:
+    """The manifest as a JSON object, or None if there is none or it is no JSON object."""
+    raw = _read_small(os.path.join(env_dir, MANIFEST), MAX_MANIFEST_BYTES)
+    if raw is None:
+        return None
     try:
-        data = json.loads((env_dir / MANIFEST).read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _read_small(path: str, limit: int) -> bytes | None:
+    """A regular file's bytes if it has at most `limit` of them, else None; never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, max(st.st_size, 4096))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > limit:
+                return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def script_record(path: Path) -> dict[str, Any]:
+    """What the manifest records of the env's `dbt`, so that a damaged one is noticed."""
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hex_digest(data)}
 
 
 def env_problem(env_dir: Path) -> str | None:
     """Why this env cannot be used as it is, or None when it is complete and healthy.
 
-    Cheap on purpose (a few stats, no child process): it runs before every dbt command.
+    Cheap on purpose (a few stats and two small reads, no child process): it runs before
+    every dbt command. It catches a `dbt` that cannot start: gone, empty or cut short (a
+    power loss after the build), changed since the build, with an interpreter that is gone.
     Raises `trust.Untrusted` for an env that another user built or could have changed: that
     one is neither used nor rebuilt (which would delete it).
     """
+    env = os.fspath(env_dir)
     try:
-        st = os.lstat(env_dir)
-    except FileNotFoundError:
+        st = os.lstat(env)
+    except (FileNotFoundError, NotADirectoryError):
         return "no env for this spec yet"
-    except OSError:
-        st = None
-    if st is not None and stat.S_ISLNK(st.st_mode):
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
         return "a symbolic link is in its place"
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        trust.check_env(env_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        return "a file is in its place"
+    trust.check_env(env_dir)
+    manifest_path = os.path.join(env, MANIFEST)
     try:
-        complete = (env_dir / MANIFEST).is_file()
+        manifest_st = os.stat(manifest_path)
     except PermissionError:
         return "it cannot be read (permission denied)"
-    if not complete:
-        if env_dir.exists():
-            return "the last build was interrupted"
-        return "no env for this spec yet"
-    if not os.path.exists(env_dir / "bin" / "python"):
+    except OSError:
+        return "the last build was interrupted"
+    if not stat.S_ISREG(manifest_st.st_mode):
+        return "its manifest is not a file"
+    manifest = read_manifest(env_dir)
+    if manifest is None:
+        return "its manifest is damaged"
+    if not os.path.exists(os.path.join(env, "bin", "python")):
         return "its interpreter is gone"
-    dbt = env_dir / "bin" / "dbt"
-    if not os.access(dbt, os.X_OK):
-        return "its dbt executable is gone"
+    return _dbt_problem(os.path.join(env, "bin", "dbt"), manifest.get(_SCRIPT_RECORD))
+
+
+def _dbt_problem(dbt: str, record: object) -> str | None:
     try:
-        with open(dbt, "rb") as f:
-            first = f.readline(4096)
+        fd = os.open(dbt, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return "its dbt executable is gone"
     except OSError:
         return "its dbt executable cannot be read"
-    if first.startswith(b"#!"):
-        interpreter = first[2:].strip().split(b" ")[0]
-        if interpreter and not os.access(interpreter, os.X_OK):
-            return "the interpreter of its dbt executable is gone"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "its dbt executable is not a file"
+        if not os.access(dbt, os.X_OK):
+            return "its dbt executable is not executable"
+        head = os.read(fd, MAX_SCRIPT_BYTES)
+    except OSError:
+        return "its dbt executable cannot be read"
+    finally:
+        os.close(fd)
+    if not head:
+        return "its dbt executable is empty (cut short, as a power loss after a build leaves it)"
+    if isinstance(record, dict) and "size" in record:
+        whole = st.st_size <= MAX_SCRIPT_BYTES
+        if record.get("size") != st.st_size or (whole and record.get("sha256") != hex_digest(head)):
+            return "its dbt executable was cut short or changed since the build"
+    if head.startswith(b"\x7fELF"):
+        return None
+    if not head.startswith(b"#!"):
+        return "its dbt executable is neither a script nor a program"
+    first, newline, _ = head.partition(b"\n")
+    if not newline:
+        return "its dbt executable is cut short"
+    words = first[2:].split()
+    if not words or not os.access(words[0], os.X_OK) or not os.path.isfile(words[0]):
+        return "the interpreter of its dbt executable is gone"
     return None
+
+
+def sync_tree(path: Path) -> None:
+    """Put everything under `path` on disk: `syncfs` of its file system where the platform has
+    it, else an `fsync` of every file and directory. A power loss after this leaves the files
+    whole; the manifest, written after it, can then never mark a damaged env complete."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in [*filenames, "."]:
+            with contextlib.suppress(OSError):
+                file_fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(file_fd)
+                finally:
+                    os.close(file_fd)
+
+
+def _syncfs(fd: int) -> bool:
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syncfs(fd)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
@@ -303,7 +410,8 @@ def remove_env(env_dir: Path, *, force: bool = False) -> None:
                         "wait for it to finish, or pass --force"
                     ) from None
         # Incomplete first, so a run that arrives now goes to the lock and waits for us.
-        with contextlib.suppress(FileNotFoundError):
+        # (A manifest that is a directory already makes the env incomplete.)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             (env_dir / MANIFEST).unlink()
         # Out of its key's place in one step; deleting it may take a while (or be cut short:
         # then `env gc` finishes it).
@@ -393,7 +501,7 @@ class EnvEntry(NamedTuple):
     def distributions(self) -> dict[str, str]:
         """Installed distributions, canonical name -> version."""
         found: dict[str, str] = {}
-        for dist in (self.manifest or {}).get("distributions", []):
+        for dist in as_list((self.manifest or {}).get("distributions")):
             if isinstance(dist, dict) and dist.get("name"):
                 found[canonical_name(str(dist["name"]))] = str(dist.get("version"))
         return found
@@ -421,26 +529,26 @@ class EnvEntry(NamedTuple):
 
     @property
     def requirements(self) -> list[str]:
-        spec = (self.manifest or {}).get("spec") or {}
-        return [str(r) for r in spec.get("requirements", [])]
+        spec = as_dict((self.manifest or {}).get("spec"))
+        return strings(spec.get("requirements"))
 
     @property
     def requirements_files(self) -> list[str]:
-        spec = (self.manifest or {}).get("spec") or {}
-        return [str(f.get("path")) for f in spec.get("requirements_files", [])]
+        spec = as_dict((self.manifest or {}).get("spec"))
+        return file_paths(spec.get("requirements_files"))
 
     @property
     def constraints_files(self) -> list[str]:
-        spec = (self.manifest or {}).get("spec") or {}
-        return [str(f.get("path")) for f in spec.get("constraints_files", [])]
+        spec = as_dict((self.manifest or {}).get("spec"))
+        return file_paths(spec.get("constraints_files"))
 
     @property
     def implied_pins(self) -> list[str]:
-        return [str(r) for r in (self.manifest or {}).get("implied_pins") or []]
+        return strings((self.manifest or {}).get("implied_pins"))
 
     @property
     def repairs(self) -> list[str]:
-        return [str(r) for r in (self.manifest or {}).get("repairs") or []]
+        return strings((self.manifest or {}).get("repairs"))
 
     def to_json(self) -> dict[str, Any]:
         """The `env list --json` object of this env (documented in docs/json.md)."""
@@ -457,7 +565,7 @@ class EnvEntry(NamedTuple):
             "python": self.python,
             "dbt_core": self.version_of("dbt-core"),
             "adapters": self.adapters,
-            "installer": (self.manifest or {}).get("installer"),
+            "installer": _string_or_none((self.manifest or {}).get("installer")),
             "size": self.size,
             "created": iso(self.created),
             "last_used": iso(self.last_used),
@@ -465,6 +573,28 @@ class EnvEntry(NamedTuple):
 
 
 NOT_ADAPTERS = dbt_lines.NOT_ADAPTERS
+
+
+# Readers of a manifest that may have been damaged by hand: a field of the wrong type reads
+# as empty, never as a crash.
+def as_dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def strings(value: object) -> list[str]:
+    return [str(item) for item in as_list(value) if isinstance(item, (str, int, float))]
+
+
+def file_paths(value: object) -> list[str]:
+    return [str(f.get("path")) for f in as_list(value) if isinstance(f, dict)]
+
+
+def _string_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def canonical_name(name: str) -> str:
@@ -477,7 +607,11 @@ def iso(timestamp: float | None) -> str | None:
         return None
     from datetime import datetime, timezone
 
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+    try:
+        when = datetime.fromtimestamp(timestamp, timezone.utc)
+    except (OverflowError, OSError, ValueError):  # an mtime set beyond year 9999
+        return None
+    return when.isoformat(timespec="seconds")
 
 
 def parse_iso(text: object) -> float | None:
@@ -487,11 +621,11 @@ def parse_iso(text: object) -> float | None:
 
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError):
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
 
 
 def describe_env(root: Path, key: str, *, with_size: bool = True) -> EnvEntry:

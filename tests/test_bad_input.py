@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux file syst
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+EX_IOERR = 74
 NOBODY = 65534
 
 
@@ -268,6 +270,57 @@ USAGE_ERRORS = [
     ("option-missing-its-value", ["run", "--venv-dir"], {}, ("--venv-dir", "requires")),
     ("env-path-without-venv-dir", ["env", "path", "--requirements", "x"], {}, ("--venv-dir",)),
     ("bad-gc-duration", ["env", "gc", "--older-than", "soon"], {}, ("'soon'", "30d")),
+    # Every number has a documented range (README, "Numbers"); beyond it is a usage error, not
+    # a timestamp overflow once a signal comes.
+    (
+        "DBTVENV_KILL_GRACE-beyond-its-range",
+        ["run", "--requirements", "dbt-standin"],
+        {"DBTVENV_KILL_GRACE": "1e10"},
+        ("DBTVENV_KILL_GRACE", "'1e10'", "<= 3600"),
+    ),
+    (
+        "DBTVENV_LOCK_LEASE-beyond-its-range",
+        ["run", "--requirements", "dbt-standin", "--venv-dir", "{cache}"],
+        {"DBTVENV_LOCK_LEASE": "1e10"},
+        ("DBTVENV_LOCK_LEASE", "<= 3600"),
+    ),
+    (
+        "lock-timeout-beyond-its-range",
+        ["run", "--requirements", "dbt-standin", "--lock-timeout", "1e10"],
+        {},
+        ("--lock-timeout", "from 0 to 86400"),
+    ),
+    (
+        "DBTVENV_LOCK_TIMEOUT-beyond-its-range",
+        ["env", "rm", "--venv-dir", "{cache}", "--all"],
+        {"DBTVENV_LOCK_TIMEOUT": "inf"},
+        ("DBTVENV_LOCK_TIMEOUT", "from 0 to 86400"),
+    ),
+    (
+        "gc-duration-beyond-its-range",
+        ["env", "gc", "--older-than", "40000d"],
+        {},
+        ("'40000d'", "36500d"),
+    ),
+    # Input files: regular files or pipes, at most 1 MiB, never a device read until memory ends.
+    (
+        "requirements-file-is-/dev/zero",
+        ["run", "--requirements-file", "/dev/zero"],
+        {},
+        ("'/dev/zero'", "not a regular file"),
+    ),
+    (
+        "constraints-file-over-1-MiB",
+        ["run", "--requirements", "dbt-standin", "--constraints", "{big}"],
+        {},
+        ("constraints file", "larger than 1 MiB"),
+    ),
+    (
+        "completion-variable-without-the-scripts-variables",
+        ["env", "list"],
+        {"_DBTVENV_COMPLETE": "bash_complete"},
+        ("_DBTVENV_COMPLETE", "COMP_WORDS", "dbtvenv completion"),
+    ),
 ]
 
 
@@ -286,11 +339,13 @@ def test_usage_error(
 ) -> None:
     cache = tmp_path / "cache"
     (tmp_path / "a-dir").mkdir()
+    (tmp_path / "big.txt").write_bytes(b"# padding\n" * (1 << 17))
     fill = {
         "cache": str(cache),
         "missing": str(tmp_path / "no-such-file"),
         "dir": str(tmp_path / "a-dir"),
         "not_python": str(not_python),
+        "big": str(tmp_path / "big.txt"),
     }
     tmpdir, env = tmpdir_env
     env = {**env, **{k: v.format(**fill) for k, v in extra.items()}}
@@ -676,3 +731,131 @@ def test_venv_dir_unreachable(
     result = Result(completed.returncode, completed.stdout, completed.stderr)
     assert_clean_failure(result, EX_CANTCREAT, says=(str(cache), "cannot reach", "permissions"))
     assert not cache.exists()
+
+
+def test_a_fifo_without_a_writer_never_hangs(dbtvenv: RunDbtvenv, tmp_path: Path) -> None:
+    fifo = tmp_path / "requirements.txt"
+    os.mkfifo(fifo)
+    result = dbtvenv(
+        "env", "path", "--requirements-file", fifo, "--venv-dir", tmp_path / "c", timeout=60
+    )
+    assert result.returncode == 0, result  # read as what it holds: nothing
+
+
+@pytest.mark.parametrize("source", ["process-substitution", "relative-include"])
+def test_the_installer_gets_a_private_copy_of_the_bytes_keyed(
+    tmp_path: Path,
+    make_env: MakeEnv,
+    dbtvenv_cmd: list[str],
+    pip_offline_options: str,
+    source: str,
+) -> None:
+    """A pipe (`<(...)`) is read once and what pip installs from is a copy of those bytes; a
+    file's relative `-r` still finds its neighbour."""
+    cache = tmp_path / "cache"
+    if source == "process-substitution":
+        given = "<(printf 'dbt-standin==1.0.0\\n')"
+    else:
+        (tmp_path / "base.txt").write_text("dbt-standin==1.0.0\n")
+        (tmp_path / "top.txt").write_text("-r base.txt\n")
+        given = str(tmp_path / "top.txt")
+    script = (
+        f"exec {shlex.join(dbtvenv_cmd)} run --requirements-file {given} "
+        f"--pip-install-options {shlex.quote(pip_offline_options)} --venv-dir {cache}"
+    )
+    completed = subprocess.run(
+        ["bash", "-c", script],
+        env=make_env(),
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    result = Result(completed.returncode, completed.stdout, completed.stderr)
+    assert result.returncode == 0, result
+    (env_dir,) = [p for p in cache.iterdir() if p.is_dir() and p.name != ".trash"]
+    manifest = json.loads((env_dir / "dbtvenv.json").read_text())
+    (keyed,) = manifest["spec"]["requirements_files"]
+    if source == "process-substitution":
+        assert keyed["path"].startswith("/dev/fd/")
+    assert not (env_dir / ".dbtvenv-build").exists()
+
+
+def test_a_relative_path_in_a_removed_working_dir(
+    tmp_path: Path, make_env: MakeEnv, dbtvenv_cmd: list[str]
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    in_removed_dir = ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone)]
+    outcomes = {}
+    for name, args in (
+        ("venv-dir", ["env", "list", "--venv-dir", "cache"]),
+        ("requirements-file", ["env", "path", "--requirements-file", "r.txt", "--venv-dir", "/c"]),
+    ):
+        completed = subprocess.run(
+            [*in_removed_dir, *dbtvenv_cmd, *args],
+            env=make_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        outcomes[name] = Result(completed.returncode, completed.stdout, completed.stderr)
+        gone.mkdir()
+    assert_clean_failure(
+        outcomes["venv-dir"], EX_CANTCREAT, says=("'cache'", "current directory no longer exists")
+    )
+    assert_clean_failure(
+        outcomes["requirements-file"], EX_USAGE, says=("'r.txt'", "give an absolute path")
+    )
+
+
+def test_an_unwritable_stdout_is_exit_74(
+    tmp_path: Path, make_env: MakeEnv, dbtvenv_cmd: list[str]
+) -> None:
+    (tmp_path / "cache").mkdir()
+    for args in (
+        ["env", "list", "--venv-dir", str(tmp_path / "cache"), "--json"],
+        ["env", "path", "--requirements", "dbt-standin", "--venv-dir", str(tmp_path / "c")],
+        ["--help"],
+        ["completion", "bash"],
+    ):
+        with open("/dev/full", "wb") as full:
+            completed = subprocess.run(
+                [*dbtvenv_cmd, *args],
+                env=make_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=full,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )
+        result = Result(completed.returncode, b"", completed.stderr)
+        assert_clean_failure(result, EX_IOERR, says=("cannot write to stdout", "No space left"))
+
+
+def test_a_full_disk_under_stderr_aborts_the_build(
+    tmp_path: Path, make_env: MakeEnv, dbtvenv_cmd: list[str], pip_offline_options: str
+) -> None:
+    """dbtvenv's messages cannot be written: no build goes on unseen, nothing is kept."""
+    cache = tmp_path / "cache"
+    with open("/dev/full", "wb") as full:
+        completed = subprocess.run(
+            [
+                *dbtvenv_cmd,
+                "run",
+                "--requirements",
+                "dbt-standin==1.0.0",
+                "--pip-install-options",
+                pip_offline_options,
+                "--venv-dir",
+                str(cache),
+            ],
+            env=make_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=full,
+            timeout=120,
+        )
+    assert completed.returncode == EX_IOERR, completed
+    assert completed.stdout == b""
+    assert_no_lock_held(cache)
+    assert_nothing_complete(cache)

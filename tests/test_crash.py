@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -71,10 +73,13 @@ def test_kill_while_pip_downloads(
     dbtvenv_cmd: list[str],
     dbtvenv: RunDbtvenv,
 ) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
     spec = {
         "DBTVENV_REQUIREMENTS": "dbt-standin==1.0.0",
         "DBTVENV_PIP_INSTALL_OPTIONS": wheels.pip_options,
         "DBTVENV_VENV_DIR": str(tmp_path / "cache"),
+        "TMPDIR": str(tmpdir),
         **LOCK_TIMEOUT,
     }
     env_dir = _env_dir(dbtvenv, spec)
@@ -89,6 +94,9 @@ def test_kill_while_pip_downloads(
     assert_no_survivors(helpers)  # while the download is still held: a live pip would wait
     wheels.release()
     assert env_dir.is_dir() and not (env_dir / "dbtvenv.json").exists()
+    # pip's download and unpack dirs were inside the half-built env, and go with it.
+    assert list(tmpdir.iterdir()) == []
+    assert any((env_dir / ".dbtvenv-build" / "tmp").iterdir())
 
     again = dbtvenv("run", env=spec)
     assert again.returncode == 0, str(again)
@@ -188,3 +196,34 @@ def test_kill_right_after_the_manifest_keeps_the_env(
     assert "interrupted" not in again.err
     assert again.json()["prefix"] == str(env_dir)
     assert manifest.read_bytes() == written
+
+
+def test_the_envs_files_are_on_disk_before_its_manifest(
+    standin_env: dict[str, str], tmp_path: Path, make_env: MakeEnv, dbtvenv_cmd: list[str]
+) -> None:
+    """A power loss must leave an incomplete env, never a complete one with a zero-length
+    `dbt` (pip does not fsync what it writes): the file system is synced, then the manifest
+    is written. Traced for real system calls."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "trace"
+    spec = {**standin_env, "DBTVENV_VENV_DIR": str(tmp_path / "cache")}
+    calls_traced = "trace=syncfs,fsync,rename,renameat,renameat2"
+    completed = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(trace), "-e", calls_traced, *dbtvenv_cmd, "env", "prepare"],
+        env=make_env(spec),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    if completed.returncode != 0 and b"ptrace" in completed.stderr:
+        pytest.skip(f"cannot trace here: {completed.stderr[-300:]!r}")
+    assert completed.returncode == 0, completed.stderr.decode()
+    calls = trace.read_text().splitlines()
+    (manifest_at,) = [
+        i for i, line in enumerate(calls) if "rename" in line and 'dbtvenv.json"' in line
+    ]
+    synced = [i for i, line in enumerate(calls[:manifest_at]) if "syncfs(" in line]
+    assert synced, "\n".join(calls[-20:])
+    assert " = 0" in calls[synced[-1]]

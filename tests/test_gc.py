@@ -250,3 +250,36 @@ def test_gc_checks_again_under_the_lock(
     set_last_use(env_dir, scanned_at - 40 * DAY)
     assert collector._remove_locked(cache_dir, env_dir.name, cutoff, Reporter())
     assert not env_dir.exists()
+
+
+def test_gc_removes_the_guards_of_keys_with_neither_env_nor_lock(
+    dbtvenv: RunDbtvenv,
+    cache_dir: Path,
+    standin_env: dict[str, str],
+    tmpdir_env: dict[str, str],
+) -> None:
+    """A failed build leaves its empty guard file; gc removes it, and only such guards."""
+    import fcntl
+
+    env_dir = prepare(dbtvenv, cache_dir, standin_env, "dbt-standin==1.0.0")
+    failed = dbtvenv(
+        "run", "--venv-dir", cache_dir, env={**standin_env, "DBTVENV_REQUIREMENTS": "no-dbt-here"}
+    )
+    assert failed.returncode == 69, failed
+    guards = {p.name for p in cache_dir.glob("*.lock.guard")}
+    orphan = cache_dir / next(g for g in guards if not g.startswith(env_dir.name))
+    kept = cache_dir / f"{env_dir.name}.lock.guard"
+    assert kept.exists() and orphan.exists()
+    busy = cache_dir / "00000000000000dd.lock.guard"  # somebody looks at that lock right now
+    busy.touch()
+    not_ours = cache_dir / "00000000000000ee.lock.guard"
+    not_ours.write_text("notes")
+    with open(busy, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        collected = gc(dbtvenv, tmpdir_env, "--venv-dir", cache_dir)
+    assert not orphan.exists()
+    assert kept.exists(), "the guard of an existing env stays"
+    assert busy.exists() and not_ours.exists()
+    assert "guard" not in collected.out  # bookkeeping, not listed
+    again = dbtvenv("run", "--venv-dir", cache_dir, env={**standin_env, **tmpdir_env})
+    assert again.returncode == 0, again

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import MakeEnv, Result, RunDbtvenv
-from lockfaults import PLANTED_ARGV, dead_pid, plant_lock, wait_until
+from lockfaults import PLANTED_ARGV, Background, WheelServer, dead_pid, plant_lock, wait_until
 
 from dbtvenv.errors import LockLost, LockTimeout
-from dbtvenv.lock import UNPARSEABLE_GRACE, EnvLock, Holder, read_lock, stale_reason
+from dbtvenv.lock import UNPARSEABLE_GRACE, EnvLock, Holder, Watch, read_lock, stale_reason
 
 HOST = socket.gethostname()
 OTHER_HOST = "elsewhere-7"
@@ -172,19 +174,95 @@ def test_another_hosts_lock_within_its_lease_blocks(
     assert not env_dir.exists()
 
 
-def test_another_hosts_lock_past_its_lease_is_taken_over(
-    dbtvenv: RunDbtvenv, spec: dict[str, str], env_dir: Path, lock_file: Path
+@pytest.mark.parametrize("mtime", [-3600, 600], ids=["an-hour-old", "ten-minutes-ahead"])
+def test_another_hosts_dead_lock_is_taken_over_once_seen_unchanged_for_a_lease(
+    mtime: int, dbtvenv: RunDbtvenv, spec: dict[str, str], env_dir: Path, lock_file: Path
 ) -> None:
-    plant_lock(lock_file, pid=12345, create_time=time.time(), hostname=OTHER_HOST, age=30)
+    """Whatever its mtime says (a clock ahead of ours, a copied file): a lock nobody renews
+    is stale once this host has itself watched it unchanged for a whole lease."""
+    plant_lock(lock_file, pid=12345, create_time=time.time(), hostname=OTHER_HOST)
+    when = time.time() + mtime
+    os.utime(lock_file, (when, when))
+    lease = {"DBTVENV_LOCK_LEASE": "3"}
 
-    result = dbtvenv("run", env={**spec, "DBTVENV_LOCK_LEASE": "3"})
+    result = dbtvenv("run", env={**spec, **lease})
 
     assert result.returncode == 0, str(result)
     takeover = _takeover_line(result)
-    assert f"its holder on {OTHER_HOST} has not refreshed it for 30 s" in takeover
+    assert f"its holder on {OTHER_HOST} has not renewed it for 3 s, a whole lease" in takeover
     assert f"was pid 12345 on {OTHER_HOST}" in takeover
-    assert "waiting for the lock" not in result.err
+    assert f"waiting for the lock {lock_file.name}, held by pid 12345" in result.err
     assert result.json()["prefix"] == str(env_dir)
+
+    # One look cannot see a whole lease: `lock status` says held, gc keeps the lock, saying so.
+    plant_lock(lock_file, pid=12345, create_time=time.time(), hostname=OTHER_HOST)
+    os.utime(lock_file, (when, when))
+    status = dbtvenv("lock", "status", "--json", env={**spec, **lease})
+    assert status.returncode == 0, str(status)
+    assert json.loads(status.out)["state"] == "held"
+    assert json.loads(status.out)["other_host"] is True
+    collected = dbtvenv("env", "gc", "--venv-dir", env_dir.parent, env=lease)
+    assert collected.returncode == 0, str(collected)
+    assert collected.out == "nothing to remove\n"
+    assert f"keeping lock {lock_file.name}: held by pid 12345 on {OTHER_HOST}" in collected.err
+    assert lock_file.exists()
+
+
+def _unshare_prefix(hostname: str) -> list[str]:
+    """Run a command under another hostname (a UTS namespace of its own), as on another host."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("another hostname needs root and unshare(1)")
+    probe = subprocess.run(
+        ["unshare", "-u", "sh", "-c", f"hostname {hostname} && hostname"],
+        capture_output=True,
+        timeout=30,
+    )
+    if probe.stdout.strip() != hostname.encode():
+        pytest.skip(f"cannot fake a hostname here: {probe.stderr[-300:]!r}")
+    return ["unshare", "-u", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh"]
+
+
+def test_a_shorter_lease_never_takes_a_live_holder_of_another_host_over(
+    wheels: WheelServer,
+    dbtvenv_cmd: list[str],
+    make_env: MakeEnv,
+    tmp_path: Path,
+) -> None:
+    """The holder records its lease; a waiter judges it by the longer of the two, so one
+    started with DBTVENV_LOCK_LEASE=1 waits for a holder that renews every few seconds."""
+    spec = {
+        "DBTVENV_REQUIREMENTS": "dbt-standin==1.0.0",
+        "DBTVENV_PIP_INSTALL_OPTIONS": wheels.pip_options,
+        "DBTVENV_VENV_DIR": str(tmp_path / "cache"),
+    }
+    wheels.hold()
+    holder = Background(
+        [*_unshare_prefix("worker-a"), *dbtvenv_cmd, "env", "prepare"],
+        make_env({**spec, "DBTVENV_LOCK_LEASE": "24"}),  # renewed every 3 s
+        tmp_path,
+        "holder",
+    )
+    try:
+        wheels.wait_for_get()  # the holder is in pip, holding the lock
+        waiter = Background(
+            [*dbtvenv_cmd, "env", "prepare", "--lock-timeout", "8"],
+            make_env({**spec, "DBTVENV_LOCK_LEASE": "1"}),
+            tmp_path,
+            "waiter",
+        )
+        waited = waiter.wait()
+        wheels.release()
+        held = holder.wait()
+    finally:
+        wheels.release()
+        holder.kill()
+    assert waited.returncode == 75, str(waited)
+    assert "taking over" not in waited.err
+    assert "on worker-a" in _one_error_line(waited)
+    assert "its lease, 24 s" in _one_error_line(waited)
+    assert held.returncode == 0, str(held)
+    assert "lost the lock" not in held.err
+    assert wheels.gets() == 1
 
 
 @pytest.mark.parametrize("content", [b"", b'{"pid": 4242, "create_t', b"\xff\xfe\x00 not json"])
@@ -213,7 +291,7 @@ def test_an_unparseable_old_lock_is_taken_over(
     result = dbtvenv("run", env=spec)
 
     assert result.returncode == 0, str(result)
-    assert "it cannot be parsed and is 60 s old" in _takeover_line(result)
+    assert re.search(r"it cannot be parsed and is 6\d s old", _takeover_line(result))
     assert result.json()["prefix"] == str(env_dir)
 
 
@@ -353,10 +431,65 @@ def test_holder_parse_round_trips() -> None:
         json.dumps(_holder(create_time=float("nan"))).encode(),
         json.dumps(_holder(hostname="")).encode(),
         json.dumps(_holder(argv="dbtvenv run")).encode(),
+        json.dumps(_holder(argv=["dbtvenv", 1])).encode(),
+        json.dumps(_holder(hostname=["worker-3"])).encode(),
+        json.dumps(_holder(acquired_at=None)).encode(),
+        # What Python's json reads beyond JSON, and numbers no pid or time can be.
+        b'{"pid": 1e400, "create_time": 1, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": Infinity, "create_time": 1, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": 1, "create_time": NaN, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": 1, "create_time": -Infinity, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": 1, "create_time": 1e400, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": 1, "create_time": 1, "hostname": "h", "acquired_at": "", "argv": [], '
+        b'"lease": NaN}',
+        json.dumps(_holder(pid=10**30)).encode(),
+        json.dumps(_holder(pid=-(10**30))).encode(),
+        json.dumps(_holder(create_time=10**400)).encode(),
+        json.dumps(_holder(create_time=-5.0)).encode(),
+        json.dumps(_holder(pid=True)).encode(),
+        json.dumps(_holder(pid=4242.5)).encode(),
+        json.dumps(_holder(pid="4242")).encode(),
+        json.dumps(_holder(create_time="1764000000")).encode(),
+        json.dumps(_holder(lease=0)).encode(),
+        json.dumps(_holder(lease=1e10)).encode(),
+        json.dumps(_holder(lease="60")).encode(),
+        b"1" * 5000,  # beyond Python's limit on the digits of an int
+        b'{"pid": ' + b"9" * 5000 + b"}",
     ],
 )
 def test_holder_parse_rejects_what_is_not_a_sane_lock(raw: bytes) -> None:
     assert Holder.parse(raw) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"pid": 1e400, "create_time": 1, "hostname": "h", "acquired_at": "", "argv": []}',
+        b'{"pid": 1, "create_time": Infinity, "hostname": "h", "acquired_at": "", "argv": []}',
+        json.dumps(_holder(pid=-(10**30))).encode(),
+        json.dumps([_holder()]).encode(),
+    ],
+    ids=["pid-1e400", "create-time-infinity", "pid-huge-negative", "a-list"],
+)
+def test_a_lock_no_holder_could_have_written_is_unparseable_everywhere(
+    content: bytes, dbtvenv: RunDbtvenv, spec: dict[str, str], env_dir: Path, lock_file: Path
+) -> None:
+    """Neither `lock status`, `env gc` nor a run crashes on it: it is an unparseable lock."""
+    lock_file.parent.mkdir(parents=True)
+    lock_file.write_bytes(content)
+    past = time.time() - 60
+    os.utime(lock_file, (past, past))
+    status = dbtvenv("lock", "status", "--json", env=spec)
+    assert status.returncode == 0, str(status)
+    assert json.loads(status.out)["state"] == "stale"
+    assert json.loads(status.out)["holder"] is None
+    # gc removes only dbtvenv's own entries, and dbtvenv never writes such a file: kept.
+    collected = dbtvenv("env", "gc", "--venv-dir", env_dir.parent)
+    assert collected.returncode == 0, str(collected)
+    assert lock_file.read_bytes() == content
+    result = dbtvenv("run", env=spec)  # in a run's way: taken over
+    assert result.returncode == 0, str(result)
+    assert re.search(r"it cannot be parsed and is 6\d s old", _takeover_line(result))
 
 
 def test_describe_is_one_line_whatever_the_arguments() -> None:
@@ -401,13 +534,39 @@ def test_a_zombie_holder_is_dead() -> None:
 def test_stale_reason_for_another_host_and_for_unparseable_locks() -> None:
     now = time.time()
     other = _parsed(pid=dead_pid(), hostname=OTHER_HOST)
-    assert stale_reason(other, now - 59, lease=60, now=now) is None
-    assert stale_reason(other, now + 30, lease=60, now=now) is None  # a clock ahead of ours
-    assert "not refreshed it for 61 s" in (stale_reason(other, now - 61, lease=60, now=now) or "")
+    # Another host's lock: only what the reader itself watched counts, never the mtime.
+    for mtime in (now - 3600, now, now + 3600):
+        assert stale_reason(other, mtime, lease=60, now=now) is None
+        assert stale_reason(other, mtime, lease=60, now=now, unchanged_for=59) is None
+        reason = stale_reason(other, mtime, lease=60, now=now, unchanged_for=61)
+        assert "not renewed it for 61 s, a whole lease (60 s)" in (reason or "")
+    # The holder's own lease, when longer than ours, is the one it is judged by.
+    patient = _parsed(pid=dead_pid(), hostname=OTHER_HOST, lease=600)
+    assert stale_reason(patient, now, lease=60, now=now, unchanged_for=61) is None
+    assert stale_reason(patient, now, lease=60, now=now, unchanged_for=601) is not None
     young = now - UNPARSEABLE_GRACE + 1
     assert stale_reason(None, young, lease=60, now=now) is None
     old = now - UNPARSEABLE_GRACE - 1
     assert "cannot be parsed" in (stale_reason(None, old, lease=60, now=now) or "")
+    # An unparseable file dated ahead of our clock: stale once watched unchanged for 10 s.
+    ahead = now + 3600
+    assert stale_reason(None, ahead, lease=60, now=now) is None
+    watched = stale_reason(None, ahead, lease=60, now=now, unchanged_for=UNPARSEABLE_GRACE)
+    assert "has not changed for 10 s" in (watched or "")
+
+
+def test_a_watch_restarts_whenever_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "k.lock"
+    plant_lock(path, pid=4242, create_time=time.time(), hostname=OTHER_HOST)
+    watch = Watch()
+    first = read_lock(path, lease=60, watch=watch)
+    assert first is not None and first.unchanged_for == 0.0
+    time.sleep(0.05)
+    again = read_lock(path, lease=60, watch=watch)
+    assert again is not None and again.unchanged_for > 0.0
+    os.utime(path)  # a renewal
+    renewed = read_lock(path, lease=60, watch=watch)
+    assert renewed is not None and renewed.unchanged_for == 0.0
 
 
 def test_read_lock_never_follows_a_symlink(tmp_path: Path) -> None:
@@ -420,12 +579,53 @@ def test_read_lock_never_follows_a_symlink(tmp_path: Path) -> None:
     assert read_lock(tmp_path / "missing.lock", lease=60) is None
 
 
-def test_read_lock_of_a_directory_or_fifo_is_unparseable(tmp_path: Path) -> None:
+def test_read_lock_of_a_directory_fifo_or_socket_is_unparseable_and_never_blocks(
+    tmp_path: Path,
+) -> None:
+    import socket as sockets
+
     (tmp_path / "dir.lock").mkdir()
     os.mkfifo(tmp_path / "fifo.lock")
-    for name in ("dir.lock", "fifo.lock"):
-        state = read_lock(tmp_path / name, lease=60)
-        assert state is not None and state.holder is None and state.stale_reason is None
+    os.mkfifo(tmp_path / "busy.lock")
+    server = sockets.socket(sockets.AF_UNIX)
+    server.bind(str(tmp_path / "socket.lock"))
+    # A FIFO whose writer pours out bytes for ever, as a file that changes while it is read.
+    pour = (
+        "import sys\n"
+        "with open(sys.argv[1], 'wb') as f:\n"
+        "    while True: f.write(b'{\"pid\": 1,' * 999)"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", pour, str(tmp_path / "busy.lock")], stderr=subprocess.DEVNULL
+    )
+    try:
+        for name in ("dir.lock", "fifo.lock", "busy.lock", "socket.lock"):
+            started = time.monotonic()
+            state = read_lock(tmp_path / name, lease=60)
+            assert time.monotonic() - started < 5, name
+            assert state is not None and state.holder is None, name
+            assert state.stale_reason is None, name  # young: a writer may be at work
+            assert state.is_directory == (name == "dir.lock")
+    finally:
+        writer.kill()
+        writer.wait()
+        server.close()
+
+
+def test_a_directory_in_the_locks_place_is_taken_over(
+    dbtvenv: RunDbtvenv, spec: dict[str, str], env_dir: Path, lock_file: Path
+) -> None:
+    (lock_file / "inside").mkdir(parents=True)
+    past = time.time() - 60
+    os.utime(lock_file, (past, past))
+    collected = dbtvenv("env", "gc", "--venv-dir", env_dir.parent)
+    assert collected.returncode == 0, str(collected)  # not dbtvenv's: gc leaves it
+    assert (lock_file / "inside").is_dir()
+    result = dbtvenv("run", env=spec)
+    assert result.returncode == 0, str(result)
+    assert re.search(r"it cannot be parsed and is 6\d s old", _takeover_line(result))
+    assert not lock_file.exists()
+    assert [p.name for p in env_dir.parent.glob(".*.trash")] == []
 
 
 def test_acquire_writes_the_contract_json_and_release_removes_it(tmp_path: Path) -> None:

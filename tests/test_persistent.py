@@ -230,6 +230,14 @@ def test_equal_specs_spelled_differently_share_one_env(
         ("manifest-deleted", "the last build was interrupted"),
         ("dbt-deleted", "its dbt executable is gone"),
         ("python-dangling", "its interpreter is gone"),
+        # What a power loss leaves of files that were never synced, and other damage that
+        # makes dbt unable to start: caught before dbt runs, and rebuilt.
+        ("dbt-empty", "its dbt executable is empty"),
+        ("dbt-cut-short", "its dbt executable was cut short or changed since the build"),
+        ("dbt-bad-shebang", "its dbt executable was cut short or changed since the build"),
+        ("dbt-interpreter-gone-old-manifest", "the interpreter of its dbt executable is gone"),
+        ("manifest-a-directory", "its manifest is not a file"),
+        ("manifest-not-an-object", "its manifest is damaged"),
     ],
 )
 def test_incomplete_or_broken_env_is_rebuilt(
@@ -240,10 +248,29 @@ def test_incomplete_or_broken_env_is_rebuilt(
     first = dbtvenv("env", "prepare", env=env)
     assert first.returncode == 0, first
     env_dir = Path(first.out.strip())
+    manifest = env_dir / "dbtvenv.json"
+    dbt = env_dir / "bin" / "dbt"
+    script = dbt.read_bytes()
     if breakage == "manifest-deleted":
-        (env_dir / "dbtvenv.json").unlink()
+        manifest.unlink()
     elif breakage == "dbt-deleted":
-        (env_dir / "bin" / "dbt").unlink()
+        dbt.unlink()
+    elif breakage == "dbt-empty":
+        dbt.write_bytes(b"")
+    elif breakage == "dbt-cut-short":
+        dbt.write_bytes(script[: len(script) // 2])
+    elif breakage == "dbt-bad-shebang":
+        dbt.write_bytes(b"#!/no/such/python\n" + script.split(b"\n", 1)[1])
+    elif breakage == "dbt-interpreter-gone-old-manifest":  # no record of the script to compare
+        data = json.loads(manifest.read_text())
+        del data["dbt_executable"]
+        manifest.write_text(json.dumps(data))
+        dbt.write_bytes(b"#!/no/such/python\n" + script.split(b"\n", 1)[1])
+    elif breakage == "manifest-a-directory":
+        manifest.unlink()
+        manifest.mkdir()
+    elif breakage == "manifest-not-an-object":
+        manifest.write_text('"oops"\n')
     else:
         python = env_dir / "bin" / "python"
         python.unlink()
