@@ -61,7 +61,13 @@ def shim_options(values: dict[str, object], given: Collection[str]) -> list[str]
 
 def _absolute(value: str, path: str) -> str:
     if path == CWD_PATH or (path == COMMAND and (os.sep in value or value.startswith("~"))):
-        return os.path.abspath(os.path.expanduser(value))
+        try:
+            return os.path.abspath(os.path.expanduser(value))
+        except OSError:  # a relative path, and the working directory was removed
+            raise UsageError(
+                f"{value!r} is relative, and the current directory no longer exists; give an "
+                "absolute path, or run from an existing directory"
+            ) from None
     return value
 
 
@@ -122,7 +128,7 @@ def write_shim(
     text = render(options, dbtvenv)
     secret = redact(text) != text
     if output is not None:
-        path = Path(output).expanduser().absolute()
+        path = Path(_absolute(output, CWD_PATH))
         if path.name == "dbtvenv":
             raise UsageError(
                 f"--output {output!r}: a shim named dbtvenv would find itself on PATH; "

@@ -791,6 +791,7 @@ def test_a_relative_path_in_a_removed_working_dir(
     for name, args in (
         ("venv-dir", ["env", "list", "--venv-dir", "cache"]),
         ("requirements-file", ["env", "path", "--requirements-file", "r.txt", "--venv-dir", "/c"]),
+        ("shim", ["shim", "--requirements", "dbt-standin", "--venv-dir", "cache", "--print"]),
     ):
         completed = subprocess.run(
             [*in_removed_dir, *dbtvenv_cmd, *args],
@@ -807,6 +808,7 @@ def test_a_relative_path_in_a_removed_working_dir(
     assert_clean_failure(
         outcomes["requirements-file"], EX_USAGE, says=("'r.txt'", "give an absolute path")
     )
+    assert_clean_failure(outcomes["shim"], EX_USAGE, says=("'cache'", "give an absolute path"))
 
 
 def test_an_unwritable_stdout_is_exit_74(
