@@ -229,6 +229,10 @@ def env_problem(env_dir: Path) -> str | None:
     if stat.S_ISLNK(st.st_mode):
         return "a symbolic link is in its place"
     if not stat.S_ISDIR(st.st_mode):
+        if st.st_uid not in trust.trusted_uids():  # not ours to remove: refused, kept
+            raise trust.refuse_owner(
+                f"{trust.kind_of(st.st_mode)} in the place of env", env, st.st_uid
+            )
         return "a file is in its place"
     trust.check_env(env_dir)
     manifest_path = os.path.join(env, MANIFEST)
@@ -391,11 +395,14 @@ def remove_env(env_dir: Path, *, force: bool = False) -> None:
         st = os.lstat(env_dir)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(st.st_mode):
+    if stat.S_ISLNK(st.st_mode):  # removing a link harms nobody: its target stays
         remove_entry(env_dir, st, "an env's place")
         return
     if st.st_uid not in trust.trusted_uids():
         raise trust.refuse_owner("env", str(env_dir), st.st_uid, doing="removing")
+    if not stat.S_ISDIR(st.st_mode):
+        remove_entry(env_dir, st, "an env's place")
+        return
     fd = None
     with contextlib.suppress(OSError, trust.Untrusted):
         fd = _open_use_mark(env_dir, create=True)

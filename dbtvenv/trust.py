@@ -20,7 +20,6 @@ from dbtvenv.errors import UsageError, VenvDirError
 TRUSTED_OWNERS_VAR = "DBTVENV_TRUSTED_OWNERS"
 # More symbolic links than this on one path is a loop (the kernel's own limit).
 MAX_SYMLINKS = 40
-_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 class Untrusted(VenvDirError):
@@ -245,6 +244,8 @@ def _not_a_file(what: str, path: Path) -> Untrusted:
 
 
 def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a file"
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_ISDIR(mode):

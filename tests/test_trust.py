@@ -170,6 +170,20 @@ def test_an_env_another_user_planted_is_never_run_or_deleted(
         assert not marker.exists()
 
 
+def test_a_file_another_user_left_in_an_envs_place_is_not_deleted(users: PublicDbtvenv) -> None:
+    """In alice's own 1777 dir she could delete bob's file at `DIR/<key>` (she owns the dir),
+    but it is bob's, and no env: refused, kept as it was."""
+    cache = users.shared_dir("file-in-place", 0o1777, uid=ALICE, gid=ALICE)
+    env_dir = env_path(users, ALICE, cache)
+    users.shell(BOB, f"echo 'bob wrote this' > {env_dir}")
+    result = users.run(ALICE, "run", "--venv-dir", cache)
+    assert result.returncode == 73, result
+    assert f"a file in the place of env {env_dir} is owned by uid {BOB}" in one_error(result)
+    for args in (["rm", env_dir.name], ["rm", "--all"], ["gc", "--older-than", "0s"]):
+        users.run(ALICE, "env", args[0], "--venv-dir", cache, *args[1:])  # no env: none removed
+        assert env_dir.read_text() == "bob wrote this\n", args
+
+
 def test_an_env_others_can_write_is_refused(users: PublicDbtvenv) -> None:
     """alice's own env, but bob could have changed it since: its site-packages or its dbt
     became writable by other users."""
