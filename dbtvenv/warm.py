@@ -232,6 +232,7 @@ def run(
 ) -> int | None:
     """Run `dbt ARGS` in the env's warm process and return dbtvenv's exit status, or None if
     warm mode cannot serve (nothing of dbt has run then)."""
+    idle = idle_seconds()  # a bad value is a usage error, whether or not a warm process starts
     reason = interactive()
     entry = entry_point(env_dir)
     if reason is None and entry is None:
@@ -244,7 +245,7 @@ def run(
         return None
     sock = connect(place.socket)
     if sock is None:
-        started = start_server(place, env_dir, entry, environ)
+        started = start_server(place, env_dir, entry, environ, idle=idle)
         debug(
             "running dbt directly while its warm process starts"
             if started
@@ -460,7 +461,9 @@ def _signals_routed(handler: Any) -> Iterator[tuple[int, list[int]]]:
 # --- starting a warm process ----------------------------------------------------------------
 
 
-def start_server(place: Place, env_dir: Path, entry: str, environ: Mapping[str, str]) -> bool:
+def start_server(
+    place: Place, env_dir: Path, entry: str, environ: Mapping[str, str], *, idle: float
+) -> bool:
     """Start the warm process in the background, detached into a session of its own; False if
     another run is starting it already. Never waits for it."""
     if not _claim_start(place.starting):
@@ -472,7 +475,7 @@ def start_server(place: Place, env_dir: Path, entry: str, environ: Mapping[str, 
         "modules": str(place.modules),
         "env": str(env_dir),
         "entry": entry,
-        "idle": idle_seconds(),
+        "idle": idle,
         "lc_ctype": environ.get("LC_CTYPE"),
     }
     python = str(env_dir / "bin" / "python")

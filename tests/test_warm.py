@@ -548,10 +548,11 @@ def test_a_warm_process_ends_after_its_idle_time(
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "1e9"])
 def test_warm_idle_out_of_range_is_a_usage_error(
-    dbtvenv: RunDbtvenv, standin_cache: dict[str, str], value: str
+    dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str], value: str
 ) -> None:
-    environ = {**standin_cache, "DBT_TARGET": f"bad-idle-{value}", "DBTVENV_WARM_IDLE": value}
-    result = dbtvenv("run", env=environ)
+    """Whether or not a warm process is to be started (the default one runs already)."""
+    warm_up(make_env(standin_cache))
+    result = dbtvenv("run", env={**standin_cache, "DBTVENV_WARM_IDLE": value})
     assert result.returncode == 64, result
     assert "DBTVENV_WARM_IDLE" in result.err
 
