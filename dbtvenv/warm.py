@@ -311,12 +311,17 @@ class _Session:
             "rlimits": _rlimits(),
             "nice": os.nice(0),
         }
+        sent: OSError | None = None
         try:
             with _stdio_and_cwd() as (fds, closed):
                 message["closed"] = closed
-                protocol.send_frame(self.sock, message, fds)
+                try:
+                    protocol.send_frame(self.sock, message, fds)
+                except OSError as exc:  # it may have answered (refused) before reading it all
+                    sent = exc
             ack, _ = protocol.recv_frame(self.sock)
         except (OSError, EOFError, ValueError) as exc:
+            exc = sent or exc
             debug(f"running dbt directly: the warm process did not take the request ({exc})")
             return None
         if "pid" not in ack:

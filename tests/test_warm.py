@@ -37,6 +37,8 @@ from warmmode import (
     warm_up,
 )
 
+from dbtvenv import warm_server
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
 NOBODY = 65534
@@ -365,9 +367,11 @@ def _answer_once(listener: socket.socket, answer: str) -> bool:
     listener.settimeout(60)
     conn, _ = listener.accept()
     with conn:
-        if answer == "refusal":
-            body = json.dumps({"refused": "stopping"}).encode()
-            conn.sendall(len(body).to_bytes(4, "big") + body)
+        if answer == "refusal":  # as a stopping warm process does: it reads, then refuses
+            _, fds = warm_server.recv_frame(conn, max_fds=warm_server.RUN_FDS)
+            for fd in fds:
+                os.close(fd)
+            warm_server.send_frame(conn, {"refused": "stopping"})
     return True
 
 
