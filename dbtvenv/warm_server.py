@@ -223,6 +223,12 @@ class Server:
         except BaseException as exc:  # a module that cannot load ahead loads in the child
             log(f"not preloading {name}: {type(exc).__name__}: {exc}")
 
+    def _lessons_changed(self) -> bool:
+        try:
+            return os.stat(self.modules_path).st_mtime_ns != self.modules_mtime
+        except OSError:
+            return False
+
     def _import_learned(self) -> None:
         """Do ahead what earlier runs did on their way (see `Lessons`), once each."""
         try:
@@ -314,8 +320,8 @@ class Server:
                 next_check = time.monotonic() + CHECK_INTERVAL
                 if not self._env_unchanged() or not self._socket_is_ours():
                     self.stop()
-                elif not self.active:
-                    self._import_learned()
+                elif not self.active and self._lessons_changed():
+                    in_background(self._import_learned)
 
     def _on_stop(self, signum: int, frame: object) -> None:
         # Only noted here: select() is retried after a handler, with the descriptors it had.
@@ -507,8 +513,8 @@ class Server:
             del self.active[pid]
             self.last_activity = time.monotonic()
             before = self.modules_mtime
-            if not self.active:
-                self._import_learned()
+            if not self.active and self._lessons_changed():
+                in_background(self._import_learned)
             self.quiet_runs = self.quiet_runs + 1 if self.modules_mtime == before else 0
             if os.WIFSIGNALED(status):
                 result: Frame = {"signal": os.WTERMSIG(status)}
@@ -937,6 +943,37 @@ def _children_of(parent: int) -> list[int]:
     return children
 
 
+def in_background(work: Any) -> None:
+    """Run `work` in a thread of the lowest CPU priority, and wait for it: the first request of
+    a warm process runs dbt directly while this imports dbt, and must not be slowed by it.
+
+    Priority is per thread on Linux, and an unprivileged process cannot raise it again: so the
+    imports run at nice 19 in a thread of their own, and the main thread, which forks every
+    child, keeps the priority it started with. Once the thread has ended the process is
+    single-threaded again, as forking needs.
+    """
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            work()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="warm-preload")
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 5
+    while _thread_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # the thread's end, as the kernel sees it
+    if failure:
+        raise failure[0]
+
+
 def _thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -1014,7 +1051,7 @@ def main(argv: list[str]) -> int:
     # On a failure the start marker stays: clients run dbt directly and try again once it is
     # stale, rather than each starting a server that fails the same way.
     try:
-        server.preload()
+        in_background(server.preload)
     except BaseException as exc:
         log(f"cannot import {server.entry}: {type(exc).__name__}: {exc}")
         return 1

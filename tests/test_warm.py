@@ -88,6 +88,7 @@ def main():
         "signals": {name: _disposition(getattr(signal, name)) for name in SIGNALS},
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "nice": os.nice(0),
         "main": getattr(__main__, "__file__", None),
         "own_group": os.getpgrp() == os.getpid(),
         "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:4],
