@@ -300,7 +300,9 @@ class Server:
             now = time.monotonic()
             if not self.active and now - self.last_activity >= self.idle:
                 return
-            timeout = min(next_check - now, self.idle - (now - self.last_activity))
+            timeout = next_check - now
+            if not self.active:  # a running request keeps the server, however long it runs
+                timeout = min(timeout, self.idle - (now - self.last_activity))
             watched: list[Any] = [self.wakeup_r]
             watched += [r.conn for r in self.active.values() if not r.gone]
             if self.listener is not None:

@@ -698,3 +698,29 @@ def test_two_users_have_warm_processes_of_their_own(
     finally:
         for server in servers.values():
             server.kill()
+
+
+def test_a_request_longer_than_the_idle_time_leaves_the_warm_process_idle(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, standin_cache: dict[str, str]
+) -> None:
+    """While dbt runs past DBTVENV_WARM_IDLE, the warm process waits in select(), not in a
+    busy loop: it spends next to no CPU time."""
+    environ = make_env({**standin_cache, "DBT_TARGET": "busy-test", "DBTVENV_WARM_IDLE": "1"})
+    server = psutil.Process(warm_up(environ))
+    run = subprocess.Popen(
+        [*dbtvenv_cmd, "run"],
+        env={**environ, "STANDIN_SLEEP": "6"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(2.5)  # the request is older than the idle time now
+        before = server.cpu_times()
+        time.sleep(2)
+        after = server.cpu_times()
+        assert run.poll() is None, "the request should still run"
+        spent = (after.user + after.system) - (before.user + before.system)
+        assert spent < 0.5, f"the warm process spent {spent:.2f} s of CPU in 2 s"
+    finally:
+        assert run.wait(timeout=60) == 0
