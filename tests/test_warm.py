@@ -724,3 +724,53 @@ def test_a_request_longer_than_the_idle_time_leaves_the_warm_process_idle(
         assert spent < 0.5, f"the warm process spent {spent:.2f} s of CPU in 2 s"
     finally:
         assert run.wait(timeout=60) == 0
+
+
+def test_a_run_dir_that_cannot_be_made_means_the_next_place(
+    dbtvenv: RunDbtvenv, standin_cache: dict[str, str], tmp_path: Path
+) -> None:
+    """An XDG_RUNTIME_DIR under which no dir can be made (here a file: ENOTDIR even for root)
+    is passed over for the next place, never an internal error."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    environ = {
+        **standin_cache,
+        "XDG_RUNTIME_DIR": str(not_a_dir),
+        "DBT_TARGET": "unmakeable-run-dir-test",
+        "DBTVENV_WARM_IDLE": "1",  # the one it starts in the next place ends at once
+    }
+    result = dbtvenv("run", env=environ)
+    assert result.returncode == 0, result
+    assert result.json()["argv"] == ["run"]
+
+
+def test_a_run_dir_this_user_cannot_write_means_the_next_place(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, shared_dir: Path
+) -> None:
+    """An XDG_RUNTIME_DIR kept after `su`: root's, mode 0755, not writable for this user."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running as another user needs root and setpriv")
+    runtime = shared_dir / "root-runtime"
+    runtime.mkdir(mode=0o755)
+    env_dir = shared_dir / "env"
+    env_dir.mkdir(mode=0o755)
+    (env_dir / warm_server.MANIFEST).write_text("{}")
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom dbtvenv import warm\n"
+        "place, why = warm.place_for(Path(sys.argv[1]), {})\n"
+        "print(place.socket.parent if place else why)\n"
+    )
+    done = subprocess.run(
+        [
+            *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+            *("--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"),
+            *(sys.executable, "-c", script, str(env_dir)),
+        ],
+        env=make_env({"XDG_RUNTIME_DIR": str(runtime)}),
+        cwd="/",
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == f"/tmp/dbtvenv-{NOBODY}"
+    assert not (runtime / "dbtvenv").exists()
