@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
-from dbtvenv import provision, store, trust
+from dbtvenv import credentials, provision, store, trust
 from dbtvenv.errors import (
     EX_NOT_FOUND,
     DbtvenvError,
@@ -47,7 +47,7 @@ class EnvOptions(NamedTuple):
     warm: bool = False
 
     def spec(self) -> EnvSpec:
-        return resolve_spec(
+        spec = resolve_spec(
             requirements=self.requirements,
             requirements_files=self.requirements_files,
             constraints_files=self.constraints,
@@ -56,6 +56,10 @@ class EnvOptions(NamedTuple):
             system_site_packages=self.system_site_packages,
             no_implied_pins=self.no_implied_pins,
         )
+        # A credential the installer could only get on its command line: refused before
+        # anything is locked or built.
+        credentials.split(spec.pip_install_options, spec.requirements, installer=self.installer)
+        return spec
 
     def settings(self) -> Settings:
         return Settings(

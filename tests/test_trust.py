@@ -447,14 +447,38 @@ def _cmdlines_with(token: bytes) -> list[str]:
     return found
 
 
+@pytest.fixture
+def simple_index(wheelhouse: Path, tmp_path: Path) -> Iterator[WheelServer]:
+    """The stand-in wheel behind a package index: the served dir's listing of `dbt-standin/`
+    is the project's page that pip and uv read."""
+    project = tmp_path / "simple" / "dbt-standin"
+    project.mkdir(parents=True)
+    (project / STANDIN_WHEEL).write_bytes((wheelhouse / STANDIN_WHEEL).read_bytes())
+    with WheelServer(project.parent) as server:
+        yield server
+
+
+# The spellings pip and uv take for an index besides the plain ones: pip's unique prefix of
+# `--index-url`, uv's own `--default-index`, `--index NAME=URL`.
+_INDEX_SPELLINGS = {"pip --index": "--index", "uv --default-index": "--default-index"}
+
+
 @pytest.mark.parametrize(
-    ("installer", "where"), [("pip", "index"), ("pip", "requirement"), ("uv", "index")]
+    ("installer", "where"),
+    [
+        ("pip", "index"),
+        ("pip", "requirement"),
+        ("uv", "index"),
+        ("pip", "pip --index"),
+        ("uv", "uv --default-index"),
+        ("uv", "uv --index NAME=URL"),
+    ],
 )
 def test_a_token_never_reaches_a_command_line_other_users_can_read(
     dbtvenv_cmd: list[str],
     make_env: MakeEnv,
     tmp_path: Path,
-    wheels: WheelServer,
+    request: pytest.FixtureRequest,
     installer: str,
     where: str,
 ) -> None:
@@ -462,13 +486,19 @@ def test_a_token_never_reaches_a_command_line_other_users_can_read(
     requirement) URL carries a token is held inside its download by the local wheel server,
     while every process's command line is scanned for the token, again and again."""
     token = f"tok-{os.urandom(8).hex()}"
+    fixture = "wheels" if where in ("index", "requirement") else "simple_index"
+    wheels: WheelServer = request.getfixturevalue(fixture)
     authed = wheels.url.replace("http://", f"http://ci:{token}@")
+    requirement = "dbt-standin==1.0.0"
     if where == "index":
-        requirement = "dbt-standin==1.0.0"
         options = f"--no-cache-dir --timeout 300 --no-index --find-links {authed}"
-    else:
+    elif where == "requirement":
         requirement = f"dbt-standin@{authed}{STANDIN_WHEEL}"  # no space: a variable splits there
         options = "--no-cache-dir --timeout 300 --no-index"
+    elif where == "uv --index NAME=URL":
+        options = f"--no-cache-dir --index private={authed} --default-index {wheels.url}"
+    else:
+        options = f"--no-cache-dir --timeout 300 {_INDEX_SPELLINGS[where]} {authed}"
     environ = make_env(
         {
             "DBTVENV_REQUIREMENTS": requirement,
