@@ -159,6 +159,15 @@ class Holder(NamedTuple):
         )
 
 
+def is_pid(value: object) -> TypeGuard[int]:
+    """A pid as a JSON file may name one: an int (not a bool) in the kernel's range."""
+    return _is_int(value) and 0 < value <= MAX_PID
+
+
+def is_finite_number(value: object) -> TypeGuard[float]:
+    return _is_number(value)
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
-from dbtvenv import store
+from dbtvenv import lock, store
 from dbtvenv import warm_server as protocol
 from dbtvenv.errors import EX_SIGNAL_BASE, DbtvenvError, Interrupted, UsageError
 
@@ -601,10 +601,12 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             return None
         state = json.loads(path.read_text())
-        int(state["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return state if isinstance(state, dict) else None
+    # Taken apart by type, never converted: a pid of `1e400`, `true` or `"12"` is no state.
+    if not isinstance(state, dict) or not lock.is_pid(state.get("pid")):
+        return None
+    return state
 
 
 def _is_warm_server(pid: int) -> bool:
@@ -645,8 +647,8 @@ def _rss(pid: int) -> int | None:
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
+    return float(value) if lock.is_finite_number(value) else None
 
 
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -192,14 +192,19 @@ def test_gc_leaves_temp_dirs_it_cannot_vouch_for(
     old = time.time() - DAY
 
     def temp_dir(
-        name: str, owner: dict[str, object] | None, mode: int = 0o700, *, empty: bool = False
+        name: str,
+        owner: dict[str, object] | str | None,
+        mode: int = 0o700,
+        *,
+        empty: bool = False,
     ) -> Path:
         path = temp / name
         path.mkdir()
         if not empty:
             (path / "env").mkdir()
         if owner is not None:
-            (path / "owner.json").write_text(json.dumps(owner))
+            text = owner if isinstance(owner, str) else json.dumps(owner)
+            (path / "owner.json").write_text(text)
         path.chmod(mode)
         os.utime(path, (old, old))
         return path
@@ -214,11 +219,19 @@ def test_gc_leaves_temp_dirs_it_cannot_vouch_for(
     # Killed between creating its dir and writing its owner: removed once a minute old.
     killed_at_once = temp_dir("dbtvenv-mno12345", None, empty=True)
     empty_not_ours = temp_dir("dbtvenv-work", None, empty=True)
+    # An owner no run writes: a pid JSON reads as a float too large for an int, or `true`.
+    here = json.dumps(socket.gethostname())
+    huge_pid = temp_dir(
+        "dbtvenv-pqr12345", f'{{"pid": 1e400, "create_time": 1, "hostname": {here}}}'
+    )
+    bool_pid = temp_dir(
+        "dbtvenv-stu12345", f'{{"pid": true, "create_time": 1, "hostname": {here}}}'
+    )
 
     collected = gc(dbtvenv, tmpdir_env)
     assert set(report(collected)) == {str(abandoned), str(killed_at_once), "total"}
     assert not abandoned.exists() and not killed_at_once.exists()
-    for kept in (other_host, not_ours, no_owner, shared_mode, empty_not_ours):
+    for kept in (other_host, not_ours, no_owner, shared_mode, empty_not_ours, huge_pid, bool_pid):
         assert kept.is_dir(), kept
 
 

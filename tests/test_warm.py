@@ -774,3 +774,20 @@ def test_a_run_dir_this_user_cannot_write_means_the_next_place(
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().strip() == f"/tmp/dbtvenv-{NOBODY}"
     assert not (runtime / "dbtvenv").exists()
+
+
+@pytest.mark.parametrize("state", ['{"pid": 1e400}', '{"pid": true}'])
+def test_a_state_file_no_warm_process_wrote_is_passed_over(
+    dbtvenv: RunDbtvenv, standin_cache: dict[str, str], tmp_path: Path, state: str
+) -> None:
+    """`env info` (and so rm and gc) read every state file of the run dir: one whose numbers
+    JSON gives as floats too large for an int (`1e400`) or of the wrong type is no warm process."""
+    run_dir = private_run_dir(tmp_path)
+    (run_dir / "dbtvenv").mkdir(mode=0o700)
+    (run_dir / "dbtvenv" / "w1-planted.json").write_text(state)
+    result = dbtvenv(
+        "env", "info", "--json", env={**standin_cache, "XDG_RUNTIME_DIR": str(run_dir)}
+    )
+    assert result.returncode == 0, result
+    # (Warm processes of the env elsewhere, as in /tmp, may be listed: never a planted one.)
+    assert all(w["pid"] > 1 for w in result.json()["warm_processes"]), result
