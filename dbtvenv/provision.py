@@ -25,6 +25,14 @@ TEMP_PREFIX = "dbtvenv-"
 TEMP_OWNER = "owner.json"
 TEMP_ENV = "env"
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}[a-z0-9_]{{8}}$")
+# Characters of an env's path that the scripts pip and uv install (bin/dbt) cannot start
+# from. Their first line names the env's Python: as a `#!` line, which a newline ends and a
+# tab splits (a carriage return ends it for Python), or, when the path is long or has a
+# space, inside a line of sh, where quotes, `$`, a backtick, a backslash and `;&|<>()` mean
+# something. A `:` splits the PATH that dbt gets the env's bin dir in (venv refuses it too).
+# A space is fine: pip and uv both quote it.
+_BREAKS_SCRIPTS = frozenset("\"'$`\\;&|<>():" + "".join(map(chr, range(32))) + chr(127))
+_CHARACTER_NAMES = {"\n": "a newline", "\t": "a tab", "\r": "a carriage return"}
 
 
 def lock_path(root: Path, key: str) -> Path:
@@ -37,6 +45,7 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
     A complete env is returned without touching the lock.
     """
     env_dir = root / spec.key
+    check_env_location(str(root), "venv dir", "choose another --venv-dir")
     check_cache_root(root)
     if store.env_problem(env_dir) is None:
         return env_dir
@@ -51,6 +60,18 @@ def ensure_env(root: Path, spec: EnvSpec, settings: Settings, reporter: Reporter
         # The lease is renewed by the lock's own thread; the build only checks it still holds it.
         _build(env_dir, spec, settings, reporter, on_tick=lock.check, durable=True)
     return env_dir
+
+
+def check_env_location(path: str, what: str, instead: str) -> None:
+    """Refuse a dir whose path an env's scripts cannot start from (a scan of the string)."""
+    if _BREAKS_SCRIPTS.isdisjoint(path):
+        return
+    char = next(c for c in path if c in _BREAKS_SCRIPTS)
+    name = _CHARACTER_NAMES.get(char) or repr(char)
+    raise VenvDirError(
+        f"{what} {path!r} contains {name}, which the scripts pip and uv install in an env "
+        f"(bin/dbt) cannot start from; {instead}"
+    )
 
 
 def check_cache_root(root: Path) -> None:
@@ -124,6 +145,11 @@ def temporary_env(spec: EnvSpec, settings: Settings, reporter: Reporter) -> Iter
     """
     import tempfile
 
+    check_env_location(
+        tempfile.gettempdir(),
+        "the temp dir (TMPDIR)",
+        "set TMPDIR to another dir, or keep envs in a cache dir (--venv-dir DIR)",
+    )
     try:
         base = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
     except OSError as exc:

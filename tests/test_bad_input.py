@@ -861,3 +861,50 @@ def test_a_full_disk_under_stderr_aborts_the_build(
     assert completed.stdout == b""
     assert_no_lock_held(cache)
     assert_nothing_complete(cache)
+
+
+# ---- a dir an env's scripts cannot start from -------------------------------------------
+# pip and uv write bin/dbt with the env's Python in its first line: a `#!` line (a newline
+# ends it, a tab splits it) or, for a long path or one with a space, a line of sh (quotes,
+# `$`, a backtick, a backslash mean something there). Such an env was built "successfully"
+# and its dbt then failed with 127.
+_SCRIPT_BREAKERS = {
+    "newline": ("\n", "a newline"),
+    "tab": ("\t", "a tab"),
+    "double-quote": ('"', "'\"'"),
+    "single-quote": ("'", '"\'"'),
+    "dollar": ("$", "'$'"),
+    "backtick": ("`", "'`'"),
+    "backslash": ("\\", "'\\\\'"),
+    "semicolon": (";", "';'"),
+    "colon": (":", "':'"),
+}
+
+
+@pytest.mark.parametrize("char", list(_SCRIPT_BREAKERS))
+def test_a_venv_dir_whose_path_breaks_an_envs_scripts_is_refused(
+    dbtvenv: RunDbtvenv, tmp_path: Path, standin_env: dict[str, str], char: str
+) -> None:
+    """Long enough that pip starts bin/dbt through a line of sh: unrefused, each of these
+    built an env whose dbt did not start (2 or 127), or whose build failed."""
+    character, named = _SCRIPT_BREAKERS[char]
+    parent = tmp_path / ("x" * 100) / f"team{character}envs"
+    cache = parent / "cache"
+    for command in (["run"], ["env", "prepare"]):
+        result = dbtvenv(*command, "--venv-dir", cache, env=standin_env)
+        error = assert_clean_failure(
+            result, EX_CANTCREAT, says=(f"contains {named}", "choose another --venv-dir")
+        )
+        assert f"venv dir {str(cache)!r} contains" in error
+        assert not parent.exists()
+
+
+def test_a_temp_dir_whose_path_breaks_an_envs_scripts_is_refused(
+    dbtvenv: RunDbtvenv, tmp_path: Path, standin_env: dict[str, str]
+) -> None:
+    tmpdir = tmp_path / ("x" * 100) / 'tmp"dir'  # unrefused: a dbt that did not start
+    tmpdir.mkdir(parents=True)
+    result = dbtvenv("run", "--select", "x", env={**standin_env, "TMPDIR": str(tmpdir)})
+    error = assert_clean_failure(result, EX_CANTCREAT, says=("contains '\"'",), tmpdir=tmpdir)
+    assert error.startswith(f"dbtvenv: error: the temp dir (TMPDIR) {str(tmpdir)!r} contains")
+    assert error.endswith("set TMPDIR to another dir, or keep envs in a cache dir (--venv-dir DIR)")

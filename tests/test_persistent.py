@@ -286,6 +286,28 @@ def test_incomplete_or_broken_env_is_rebuilt(
     assert not list(cache.glob(".*.trash"))  # the broken one is gone
 
 
+@pytest.mark.parametrize("installer", ["pip", "uv"])
+@pytest.mark.parametrize("length", ["short", "long"])
+def test_a_venv_dir_with_spaces_gives_an_env_whose_dbt_runs(
+    dbtvenv: RunDbtvenv,
+    tmp_path: Path,
+    standin_env: dict[str, str],
+    installer: str,
+    length: str,
+) -> None:
+    """A space in the env's Python path: pip and uv start bin/dbt through a line of sh that
+    quotes it; so do they for a path longer than a `#!` line may be."""
+    cache = tmp_path / "team envs" / ("x" * 120 if length == "long" else "dbt cache")
+    environ = {
+        **standin_env,
+        "DBTVENV_INSTALLER": installer,
+        "UV_CACHE_DIR": str(tmp_path / "uv-cache"),
+    }
+    result = dbtvenv("run", "--venv-dir", cache, "--select", "x", env=environ)
+    assert prefix(result).parent == cache and built(result), result
+    assert prefix(dbtvenv("run", "--venv-dir", cache, "--select", "y", env=environ)).parent == cache
+
+
 # ---- credentials in --pip-install-options ---------------------------------------------------
 
 TOKEN_A = "tok-AAAA-1111-secret"
