@@ -33,7 +33,7 @@ import socket
 import struct
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 PROTOCOL = 1
 MAX_FRAME = 64 * 1024 * 1024
@@ -50,6 +50,8 @@ REQUEST_TIMEOUT = 10.0
 CHECK_INTERVAL = 5.0
 # Modules a child loaded that the server never imports ahead: they belong to the run.
 NOT_PRELOADED = ("__main__", "__mp_main__")
+# Blocked in a child once dbt has returned, so that its status is the one reported.
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 if TYPE_CHECKING:  # (no `dict[...]` at run time: the env's Python may be 3.8)
     Frame = dict[str, Any]
@@ -542,9 +544,7 @@ class Server:
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 if signum in ignored or signum in PYTHON_IGNORES:
                     signal.signal(signum, signal.SIG_IGN)
-                elif signum == signal.SIGINT:
-                    signal.signal(signum, signal.default_int_handler)
-                else:
+                else:  # SIGINT too: dbt's KeyboardInterrupt is installed around its entry only
                     signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -572,7 +572,9 @@ class Server:
             message["environ"]["LC_CTYPE"] = self.coerced_lc_ctype
         become_the_caller(message, self.stdio)
         watch = CacheWatch(record_schemas=self.quiet_runs < LEARNING_RUNS)
-        code = run_entry(self.entry, message["argv"])
+        code = run_entry(self.entry, interruptible=signal.SIGINT not in ignored)
+        # dbt has returned: its status stands, whatever signal comes while the server learns.
+        signal.pthread_sigmask(signal.SIG_BLOCK, ENDING_SIGNALS)
         Lessons.learn(self.modules_path, before, self.env_dir, watch)
         os._exit(code)
 
@@ -652,11 +654,32 @@ def _stream(fd: int, mode: str, name: str, encoding: str, errors: str, unbuffere
     return text
 
 
-def run_entry(entry: str, argv: list[str]) -> int:
-    """`sys.exit(entry())`, then what the interpreter does at exit: the exit status."""
+def run_entry(entry: str, *, interruptible: bool = True) -> int:
+    """`sys.exit(entry())`, then what the interpreter does at exit: the exit status.
+
+    SIGINT raises KeyboardInterrupt from here on (unless the caller ignores it), as in a Python
+    process that has started; a Ctrl-C that comes after dbt's own ended it by SIGINT too."""
+    try:
+        return _run_entry(entry, interruptible)
+    except KeyboardInterrupt:
+        _die_by(signal.SIGINT)
+
+
+def _die_by(signum: int) -> NoReturn:
+    """End by `signum`, as Python ends on an unhandled KeyboardInterrupt."""
+    with contextlib.suppress(BaseException):
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
+
+
+def _run_entry(entry: str, interruptible: bool) -> int:
     module_name, _, attr = entry.partition(":")
     code: object = 0
     try:
+        if interruptible:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         module = sys.modules.get(module_name) or __import__(module_name, fromlist=["_"])
         func = module
         for part in attr.split("."):
@@ -668,9 +691,7 @@ def run_entry(entry: str, argv: list[str]) -> int:
         # An unhandled Ctrl-C ends Python by SIGINT, so its parent sees the signal.
         _print_exception()
         _finish()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        code = 128 + signal.SIGINT
+        _die_by(signal.SIGINT)
     except BaseException:
         _print_exception()
         code = 1

@@ -9,6 +9,7 @@ equivalence is test_warm_e2e.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import resource
@@ -791,3 +792,38 @@ def test_a_state_file_no_warm_process_wrote_is_passed_over(
     assert result.returncode == 0, result
     # (Warm processes of the env elsewhere, as in /tmp, may be listed: never a planted one.)
     assert all(w["pid"] > 1 for w in result.json()["warm_processes"]), result
+
+
+def test_an_interrupt_at_any_moment_of_a_warm_run_ends_it_as_dbt_would(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, standin_cache: dict[str, str]
+) -> None:
+    """SIGINT sent to a forked dbt over and over, from its fork to its exit (its set-up, dbt's
+    entry point, what the warm process learns after it): each run ends as dbt would, 130 or
+    dbt's own status, never as an internal error (70)."""
+    import threading
+
+    environ = make_env({**standin_cache, "DBT_TARGET": "interrupt-test"})
+    server = psutil.Process(warm_up(environ))
+    done = threading.Event()
+
+    def interrupt_children() -> None:
+        while not done.is_set():
+            with contextlib.suppress(psutil.Error):
+                for child in server.children():
+                    with contextlib.suppress(OSError):
+                        os.kill(child.pid, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_children, daemon=True)
+    interrupter.start()
+    statuses = []
+    try:
+        for _ in range(25):
+            run = subprocess.run(
+                [*dbtvenv_cmd, "run"], env=environ, stdin=subprocess.DEVNULL, capture_output=True
+            )
+            statuses.append(run.returncode)
+            assert run.returncode in (0, 130), run.stderr.decode()
+    finally:
+        done.set()
+        interrupter.join()
+    assert 130 in statuses, statuses
