@@ -241,9 +241,18 @@ class Server:
             return
         self.modules_mtime = mtime
         lessons = Lessons.read(self.modules_path)
+        threads = _thread_count()
         for name in lessons.modules:
-            if name not in NOT_PRELOADED:
-                self._import(name)
+            if name in NOT_PRELOADED or name in lessons.unsafe:
+                continue
+            loaded = set(sys.modules)
+            self._import(name)
+            if _thread_count() > threads:
+                # It (or what it imported) started a thread: this process cannot fork safely
+                # any more, and later ones must not import it ahead.
+                threads = _thread_count()
+                log(f"not preloading {name} again: importing it starts a thread")
+                Lessons.mark_unsafe(self.modules_path, [m for m in sys.modules if m not in loaded])
         for module, qualname, method in lessons.compiled:
             if (module, qualname, method) not in self.applied:
                 self.applied.add((module, qualname, method))
@@ -762,6 +771,18 @@ class Lessons:
         self.modules = [m for m in data.get("modules") or () if isinstance(m, str)]
         self.compiled = [tuple(map(str, c)) for c in data.get("compiled") or () if len(c) == 3]
         self.schemas = [tuple(map(str, c)) for c in data.get("schemas") or () if len(c) == 2]
+        # Modules that start a thread when imported: loaded in each run, never ahead.
+        self.unsafe = {m for m in data.get("unsafe") or () if isinstance(m, str)}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "modules": self.modules,
+                "compiled": [list(c) for c in self.compiled],
+                "schemas": [list(c) for c in self.schemas],
+                "unsafe": sorted(self.unsafe),
+            }
+        )
 
     @classmethod
     def read(cls, path: str) -> Lessons:
@@ -776,16 +797,24 @@ class Lessons:
         """Add what this run did on its way to the env's file, if it is anything new."""
         with contextlib.suppress(Exception):
             known = cls.read(path)
-            modules = [m for m in _new_modules(before, env_dir) if m not in set(known.modules)]
+            skip = set(known.modules) | known.unsafe
+            modules = [m for m in _new_modules(before, env_dir) if m not in skip]
             compiled = [c for c in watch.compiled() if c not in set(known.compiled)]
             schemas = [c for c in watch.schemas() if c not in set(known.schemas)]
             if modules or compiled or schemas:
-                data = {
-                    "modules": known.modules + modules,
-                    "compiled": [list(c) for c in known.compiled + compiled],
-                    "schemas": [list(c) for c in known.schemas + schemas],
-                }
-                _write_atomic(path, json.dumps(data))
+                known.modules += modules
+                known.compiled += compiled
+                known.schemas += schemas
+                _write_atomic(path, known.to_json())
+
+    @classmethod
+    def mark_unsafe(cls, path: str, modules: list[str]) -> None:
+        """Never preload `modules` again (they are still loaded by each run that needs them)."""
+        with contextlib.suppress(Exception):
+            known = cls.read(path)
+            known.unsafe.update(modules)
+            known.modules = [m for m in known.modules if m not in known.unsafe]
+            _write_atomic(path, known.to_json())
 
 
 class CacheWatch:

@@ -827,3 +827,53 @@ def test_an_interrupt_at_any_moment_of_a_warm_run_ends_it_as_dbt_would(
         done.set()
         interrupter.join()
     assert 130 in statuses, statuses
+
+
+THREADER_DBT = """\
+def main():
+    import threader  # loaded lazily, as dbt loads a task's modules: a warm process learns it
+    print("ran")
+    return 0
+"""
+# A library that starts a thread when imported (a metrics exporter, a connection pool's reaper).
+THREADER = """\
+import threading, time
+
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+"""
+
+
+def test_a_module_that_starts_a_thread_at_import_is_not_preloaded_again(
+    dbtvenv_cmd: list[str],
+    make_env: MakeEnv,
+    tmp_path_factory: pytest.TempPathFactory,
+    _dbtvenv_pythonpath: str | None,
+    run_dir: Path,
+) -> None:
+    """A warm process that learned it cannot fork any more, and stops; it marks the module so
+    that the next one never imports it ahead, and serves every run."""
+    wheels = tmp_path_factory.mktemp("threader-wheels")
+    write_wheel(
+        wheels,
+        "dbt-threader",
+        "1.0.0",
+        {"dbt_threader.py": THREADER_DBT, "threader.py": THREADER, **dbt_cli_main("dbt_threader")},
+        entry_points="[console_scripts]\ndbt = dbt.cli.main:cli\n",
+    )
+    settings = prepare_persistent_env(
+        tmp_path_factory.mktemp("threader-cache"), wheels, _dbtvenv_pythonpath, "dbt-threader"
+    )
+    environ = make_env(
+        {**settings, "XDG_RUNTIME_DIR": str(run_dir), "DBTVENV_DEBUG": "1", "DBTVENV_WARM": "1"}
+    )
+    warm_up(environ, timeout=60)  # its first warm run teaches it `threader`
+    server = warm_up(environ, timeout=60)  # a warm process that never imported it ahead
+    for _ in range(3):
+        done = subprocess.run(
+            [*dbtvenv_cmd, "run"], env=environ, stdin=subprocess.DEVNULL, capture_output=True
+        )
+        assert done.returncode == 0 and done.stdout == b"ran\n", done
+        assert warm_server_of(done.stderr.decode()) == server
+    lessons = [json.loads(p.read_text()) for p in (run_dir / "dbtvenv").glob("modules-*.json")]
+    [data] = [d for d in lessons if "threader" in json.dumps(d)]
+    assert "threader" in data["unsafe"] and "threader" not in data["modules"], data
