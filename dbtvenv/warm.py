@@ -43,10 +43,14 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, one of them the term
 ENTRY_MODULE = "dbt.cli.main"
 _SCRIPT_IMPORT = re.compile(rb"^from ([\w.]+) import (\w+)\s*$", re.MULTILINE)
 # What dbt, its adapters and their libraries read from the environment when imported (see
-# docs/warm.md): a request whose values differ gets a warm process of its own.
-KEY_PREFIXES = ("DBT_", "PYTHON", "LC_", "NETWORKX_", "OTEL_")
+# docs/warm.md): a request whose values differ gets a warm process of its own. Every other
+# variable (most DBT_* flags, DBT_ENV_CUSTOM_ENV_*, credentials) is read at run time from the
+# request's own environment, so a per-task value never starts a warm process per task.
+KEY_PREFIXES = ("DBT_RECORDER_", "DBT_ENGINE_RECORDER_", "PYTHON", "LC_", "NETWORKX_", "OTEL_")
 KEY_NAMES = frozenset(
     {
+        "DBT_MACRO_DEBUGGING",
+        "DBT_PACKAGE_HUB_URL",
         "HOME",
         "LANG",
         "LANGUAGE",

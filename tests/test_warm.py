@@ -42,6 +42,8 @@ from dbtvenv import warm_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux processes")
 
+# A variable dbt reads at import time: a value of its own gives a test a warm process of its own.
+KEYED = "DBT_PACKAGE_HUB_URL"
 NOBODY = 65534
 OTHER_USER = 65533  # a second throw-away uid (setpriv needs no account for it)
 
@@ -298,8 +300,9 @@ def test_temporary_mode_runs_directly(dbtvenv: RunDbtvenv, standin_env: dict[str
 def test_first_run_is_direct_and_starts_the_warm_process(
     dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
-    """A new key (a DBT_* value no warm process has) runs directly at once; the next is warm."""
-    environ = {**standin_cache, "DBT_TARGET": "first-run-test"}
+    """A new key (an import-time value no warm process has) runs directly at once; the next
+    is warm."""
+    environ = {**standin_cache, KEYED: "first-run-test"}
     first = dbtvenv("run", env=environ)
     assert first.returncode == 0, first
     assert "running dbt directly while its warm process starts" in first.err, first
@@ -313,7 +316,7 @@ def test_a_killed_warm_process_is_replaced(
     dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
     """Its socket is left behind: the next run runs directly and starts a new one."""
-    environ = {**standin_cache, "DBT_TARGET": "killed-server-test"}
+    environ = {**standin_cache, KEYED: "killed-server-test"}
     server = psutil.Process(warm_up(make_env(environ)))
     server.kill()
     server.wait(timeout=10)
@@ -343,7 +346,7 @@ def test_a_warm_process_that_fails_before_dbt_starts_means_a_direct_run(
 ) -> None:
     """A socket that takes the request and closes (a warm process dying), or refuses it (one
     stopping): dbt runs directly, once, with its output and status."""
-    environ = {**standin_cache, "DBT_TARGET": f"fails-before-dbt-{answer}"}
+    environ = {**standin_cache, KEYED: f"fails-before-dbt-{answer}"}
     env_dir = dbtvenv("env", "path", env=environ).out.strip()
     found = subprocess.run(
         [sys.executable, "-c", PLACE, env_dir], env=make_env(environ), capture_output=True
@@ -381,7 +384,7 @@ def test_the_warm_process_dying_while_dbt_runs(
     spawner: Spawner, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
     """dbt dies with it (its parent-death signal), and dbtvenv says so: 128+9, one line."""
-    environ = {**standin_cache, "DBT_TARGET": "dying-server-test"}
+    environ = {**standin_cache, KEYED: "dying-server-test"}
     server = psutil.Process(warm_up(make_env(environ)))
     pidfile = spawner.pidfile("dbt.pid")
     grandchild_pidfile = spawner.pidfile("grandchild.pid")
@@ -427,7 +430,7 @@ def test_a_request_of_another_protocol_is_refused(
 def test_env_info_lists_warm_processes_and_stop_warm_stops_them(
     dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
-    environ = {**standin_cache, "DBT_TARGET": "info-test"}
+    environ = {**standin_cache, KEYED: "info-test"}
     pid = warm_up(make_env(environ))
     assert dbtvenv("run", env=environ).returncode == 0
     info = dbtvenv("env", "info", "--json", env=environ)
@@ -452,7 +455,7 @@ def test_env_info_lists_warm_processes_and_stop_warm_stops_them(
 def test_a_stopped_warm_process_finishes_its_running_request(
     spawner: Spawner, dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
 ) -> None:
-    environ = {**standin_cache, "DBT_TARGET": "stop-while-running-test"}
+    environ = {**standin_cache, KEYED: "stop-while-running-test"}
     pid = warm_up(make_env(environ))
     pidfile = spawner.pidfile("dbt.pid")
     proc = spawner.start(
@@ -534,7 +537,7 @@ def test_a_warm_process_ends_after_its_idle_time(
     dbtvenv: RunDbtvenv, standin_cache: dict[str, str], run_dir: Path
 ) -> None:
     """The first run starts it (with that run's DBTVENV_WARM_IDLE); with no request, it exits."""
-    environ = {**standin_cache, "DBT_TARGET": "idle-test", "DBTVENV_WARM_IDLE": "2"}
+    environ = {**standin_cache, KEYED: "idle-test", "DBTVENV_WARM_IDLE": "2"}
     states = run_dir / "dbtvenv"
     before = set(states.glob("w*-*.json"))
     first = dbtvenv("run", env=environ)
@@ -706,7 +709,7 @@ def test_a_request_longer_than_the_idle_time_leaves_the_warm_process_idle(
 ) -> None:
     """While dbt runs past DBTVENV_WARM_IDLE, the warm process waits in select(), not in a
     busy loop: it spends next to no CPU time."""
-    environ = make_env({**standin_cache, "DBT_TARGET": "busy-test", "DBTVENV_WARM_IDLE": "1"})
+    environ = make_env({**standin_cache, KEYED: "busy-test", "DBTVENV_WARM_IDLE": "1"})
     server = psutil.Process(warm_up(environ))
     run = subprocess.Popen(
         [*dbtvenv_cmd, "run"],
@@ -737,7 +740,7 @@ def test_a_run_dir_that_cannot_be_made_means_the_next_place(
     environ = {
         **standin_cache,
         "XDG_RUNTIME_DIR": str(not_a_dir),
-        "DBT_TARGET": "unmakeable-run-dir-test",
+        KEYED: "unmakeable-run-dir-test",
         "DBTVENV_WARM_IDLE": "1",  # the one it starts in the next place ends at once
     }
     result = dbtvenv("run", env=environ)
@@ -802,7 +805,7 @@ def test_an_interrupt_at_any_moment_of_a_warm_run_ends_it_as_dbt_would(
     dbt's own status, never as an internal error (70)."""
     import threading
 
-    environ = make_env({**standin_cache, "DBT_TARGET": "interrupt-test"})
+    environ = make_env({**standin_cache, KEYED: "interrupt-test"})
     server = psutil.Process(warm_up(environ))
     done = threading.Event()
 
@@ -877,3 +880,17 @@ def test_a_module_that_starts_a_thread_at_import_is_not_preloaded_again(
     lessons = [json.loads(p.read_text()) for p in (run_dir / "dbtvenv").glob("modules-*.json")]
     [data] = [d for d in lessons if "threader" in json.dumps(d)]
     assert "threader" in data["unsafe"] and "threader" not in data["modules"], data
+
+
+def test_a_per_task_dbt_variable_shares_one_warm_process(
+    dbtvenv_cmd: list[str], make_env: MakeEnv, probe_env: dict[str, str], tmp_path: Path
+) -> None:
+    """dbt reads DBT_ENV_CUSTOM_ENV_* (and every DBT_* flag but a few) when it runs, not when
+    imported: a value per task is no warm process per task, and each run sees its own."""
+    environ = make_env({**probe_env, "DBTVENV_WARM": "1", KEYED: "per-task-test"})
+    server = warm_up({**environ, "DBT_ENV_CUSTOM_ENV_RUN_ID": "task-0"})
+    for task in ("task-1", "task-2"):
+        done = _run(dbtvenv_cmd, {**environ, "DBT_ENV_CUSTOM_ENV_RUN_ID": task}, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert warm_server_of(done.stderr.decode()) == server
+        assert json.loads(done.stdout)["environ"]["DBT_ENV_CUSTOM_ENV_RUN_ID"] == task
