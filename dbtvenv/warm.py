@@ -38,6 +38,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # warm process that failed to start is tried again.
 STARTING_STALE = 60.0
 CONNECT_TIMEOUT = 5.0
+MAX_PER_ENV = 4  # warm processes of one env per user (one per set of import-time settings)
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, one of them the terminating NUL
 # The entry point warm mode knows how to preload and run: dbt-core 1.5 and later.
 ENTRY_MODULE = "dbt.cli.main"
@@ -249,6 +250,8 @@ def run(
         return None
     sock = connect(place.socket)
     if sock is None:
+        if not _room_for_another(env_dir):
+            return None
         started = start_server(place, env_dir, entry, environ, idle=idle)
         debug(
             "running dbt directly while its warm process starts"
@@ -258,6 +261,28 @@ def run(
         return None
     with sock:
         return _Session(sock, kill_grace).run(env_dir, dbt_args, environ)
+
+
+def _room_for_another(env_dir: Path) -> bool:
+    """At most MAX_PER_ENV warm processes of an env per user (each holds ~140 MiB): to start
+    another, the oldest idle one is stopped; if all of them serve runs, none is started."""
+    running = warm_processes(env_dir)
+    if len(running) < MAX_PER_ENV:
+        return True
+    idle = [w for w in running if w.active == 0]
+    if len(running) - len(idle) >= MAX_PER_ENV:
+        debug(
+            f"running dbt directly: {len(running)} warm processes of this env serve runs "
+            f"already (at most {MAX_PER_ENV}; their import-time settings differ)"
+        )
+        return False
+    for warm in idle[: len(running) - MAX_PER_ENV + 1]:
+        with contextlib.suppress(OSError):
+            os.kill(warm.pid, signal.SIGTERM)
+            debug(
+                f"stopping warm process {warm.pid}, the oldest idle one of this env's {MAX_PER_ENV}"
+            )
+    return True
 
 
 def connect(path: Path, timeout: float = CONNECT_TIMEOUT) -> socket.socket | None:

@@ -894,3 +894,14 @@ def test_a_per_task_dbt_variable_shares_one_warm_process(
         assert done.returncode == 0, done.stderr
         assert warm_server_of(done.stderr.decode()) == server
         assert json.loads(done.stdout)["environ"]["DBT_ENV_CUSTOM_ENV_RUN_ID"] == task
+
+
+def test_an_env_has_at_most_four_warm_processes_per_user(
+    dbtvenv: RunDbtvenv, make_env: MakeEnv, standin_cache: dict[str, str]
+) -> None:
+    """A fifth set of import-time settings stops the oldest idle warm process of the env."""
+    servers = [warm_up(make_env({**standin_cache, KEYED: f"cap-test-{i}"})) for i in range(5)]
+    info = dbtvenv("env", "info", "--json", env=standin_cache)
+    running = {w["pid"] for w in info.json()["warm_processes"]}
+    assert len(running) <= 4 and servers[-1] in running, info
+    assert_no_survivors([servers[0]], timeout=30)
