@@ -24,15 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from dbtvenv import procs, trust
 from dbtvenv.errors import LockLost, LockTimeout, VenvDirError
 from dbtvenv.redact import redact_all
 from dbtvenv.settings import LOCK_LEASE_RANGE
-
-if TYPE_CHECKING:
-    from typing import TypeGuard  # Python 3.10+; only ever read by the type checker
 
 UNPARSEABLE_GRACE = 10.0
 POLL_INTERVAL = 1.0
@@ -46,7 +43,6 @@ MAX_LOCK_BYTES = 1 << 16
 # The range of a lease (DBTVENV_LOCK_LEASE, and the one a holder records in its lock).
 MIN_LEASE, MAX_LEASE = LOCK_LEASE_RANGE
 # Far above any pid a kernel hands out (Linux: at most 2**22), far below what psutil chokes on.
-MAX_PID = 2**31 - 1
 
 
 class GuardTimeout(Exception):
@@ -113,15 +109,17 @@ class Holder(NamedTuple):
         acquired_at = data.get("acquired_at")
         argv = data.get("argv")
         lease = data.get("lease")
-        if not (_is_int(pid) and 0 < pid <= MAX_PID):
+        if not procs.is_pid(pid):
             return None
-        if not (_is_number(create_time) and 0 <= create_time < math.inf):
+        if not (procs.is_finite_number(create_time) and 0 <= create_time < math.inf):
             return None
         if not isinstance(hostname, str) or not hostname or not isinstance(acquired_at, str):
             return None
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             return None
-        if lease is not None and not (_is_number(lease) and MIN_LEASE <= lease <= MAX_LEASE):
+        if lease is not None and not (
+            procs.is_finite_number(lease) and MIN_LEASE <= lease <= MAX_LEASE
+        ):
             return None
         return cls(
             pid=pid,
@@ -157,29 +155,6 @@ class Holder(NamedTuple):
             f"pid {self.pid} on {_printable(self.hostname)} "
             f"since {_printable(self.acquired_at)} ({command})"
         )
-
-
-def is_pid(value: object) -> TypeGuard[int]:
-    """A pid as a JSON file may name one: an int (not a bool) in the kernel's range."""
-    return _is_int(value) and 0 < value <= MAX_PID
-
-
-def is_finite_number(value: object) -> TypeGuard[float]:
-    return _is_number(value)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> TypeGuard[float]:
-    """A finite JSON number (`NaN` and `Infinity` are what Python's json also reads)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _printable(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import select
 import signal
@@ -12,13 +13,18 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10+; only ever read by the type checker
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 # Two create times of one process as psutil reports them may differ by rounding; a reused PID
 # is a process started later, far more than this.
 CREATE_TIME_TOLERANCE = 1.0
+
+MAX_PID = 2**31 - 1
 
 _libc: ctypes.CDLL | None = None
 
@@ -38,6 +44,21 @@ def _prctl(option: int, value: int) -> bool:
 def become_subreaper() -> None:
     """Orphaned descendants get reparented to us, so none can escape the final clean-up."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def is_pid(value: object) -> TypeGuard[int]:
+    """A pid as a JSON file may name one: an int (not a bool) in the kernel's range."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PID
+
+
+def is_finite_number(value: object) -> TypeGuard[float]:
+    """A finite JSON number (`NaN` and `Infinity` are what Python's json also reads)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class ProcessIdentity(NamedTuple):

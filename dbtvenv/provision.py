@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbtvenv import dbt_lines, lock, procs, store, trust
+from dbtvenv import dbt_lines, procs, store, trust
 from dbtvenv.errors import EnvBusy, VenvDirError
 from dbtvenv.progress import Reporter
 from dbtvenv.settings import Settings
@@ -211,7 +211,7 @@ def abandoned_temporary_envs(tmpdir: str | None = None) -> list[Path]:
                 continue
             owner = json.loads((path / TEMP_OWNER).read_text())
             pid, create_time = owner["pid"], owner["create_time"]
-            if not (lock.is_pid(pid) and lock.is_finite_number(create_time)):
+            if not (procs.is_pid(pid) and procs.is_finite_number(create_time)):
                 raise ValueError("not an owner")  # (`1e400`, `true`, `"12"`: never converted)
             # Another host's run (a shared temp dir) cannot be checked from here: keep it.
             alive = owner.get("hostname") != procs.hostname() or procs.is_running(

@@ -75,7 +75,7 @@ class _Supervisor:
 
     def run(self, argv: list[str], env: dict[str, str]) -> int:
         procs.become_subreaper()
-        with _signals_routed(self._on_signal) as wakeup:
+        with signals_routed(self._on_signal) as (wakeup, _):
             if self.pending:  # a signal came while we got ready: dbt is not started at all
                 raise Interrupted(self.pending[0])
             try:
@@ -112,7 +112,7 @@ class _Supervisor:
                     continue
             # Every SIGCHLD and forwarded signal writes to `wakeup`, so none is missed here.
             select.select([wakeup], [], [], timeout)
-            _drain(wakeup)
+            drain(wakeup)
 
     def _clean_up(self) -> int:
         """Whatever happened, leave no process of this run behind; return dbt's status."""
@@ -165,7 +165,8 @@ def _reap_adopted(dbt_pid: int) -> None:
             os.waitpid(info.si_pid, 0)
 
 
-def _drain(fd: int) -> None:
+def drain(fd: int) -> None:
+    """Empty the wakeup fd of `signals_routed`."""
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 512):
             pass
@@ -176,9 +177,11 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _signals_routed(handler: Callable[[int, FrameType | None], None]) -> Iterator[int]:
-    """Route SIGINT, SIGTERM and SIGHUP to `handler`; yield an fd that any of them, and any
-    SIGCHLD, makes readable.
+def signals_routed(
+    handler: Callable[[int, FrameType | None], None], *, wake_on_child: bool = True
+) -> Iterator[tuple[int, list[int]]]:
+    """Route SIGINT, SIGTERM and SIGHUP to `handler`; yield an fd that any of them (and, with
+    `wake_on_child`, any SIGCHLD) makes readable, and the ones that were ignored.
 
     An ignored signal stays ignored (nohup and friends), so dbt inherits it ignored. SIGCHLD
     gets a handler even if it was ignored: with SIGCHLD ignored the kernel reaps children by
@@ -189,12 +192,16 @@ def _signals_routed(handler: Callable[[int, FrameType | None], None]) -> Iterato
     os.set_blocking(write_fd, False)
     previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+    ignored: list[int] = []
     try:
-        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
+        if wake_on_child:
+            previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
         for signum in FORWARDED:
-            if signal.getsignal(signum) is not signal.SIG_IGN:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                ignored.append(int(signum))
+            else:
                 previous[signum] = signal.signal(signum, handler)
-        yield read_fd
+        yield read_fd, ignored
     finally:
         for routed, old in previous.items():
             signal.signal(routed, signal.SIG_DFL if old is None else old)

@@ -27,13 +27,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
-from dbtvenv import lock, store
+from dbtvenv import procs, store
 from dbtvenv import warm_server as protocol
 from dbtvenv.errors import EX_SIGNAL_BASE, DbtvenvError, Interrupted, UsageError
+from dbtvenv.runner import drain, signals_routed
 
 DEFAULT_IDLE = 600.0
 MAX_IDLE = 7 * 86400.0
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # How long a start marker keeps other runs from starting a second warm process; also how soon a
 # warm process that failed to start is tried again.
 STARTING_STALE = 60.0
@@ -311,7 +311,7 @@ class _Session:
         self.pending.append(signum)
 
     def run(self, env_dir: Path, dbt_args: Sequence[str], environ: Mapping[str, str]) -> int | None:
-        with _signals_routed(self._on_signal) as (wakeup, ignored):
+        with signals_routed(self._on_signal, wake_on_child=False) as (wakeup, ignored):
             ack = self._request(env_dir, dbt_args, environ, ignored)
             if ack is None:
                 if self.pending:  # a signal came before dbt started: it never will
@@ -373,7 +373,7 @@ class _Session:
             watched: list[Any] = [self.sock, wakeup]
             ready, _, _ = select.select(watched, [], [], timeout)
             if wakeup in ready:
-                _drain(wakeup)
+                drain(wakeup)
             if self.sock not in ready:
                 continue
             try:
@@ -455,41 +455,6 @@ def _rlimits() -> dict[str, tuple[int, int]]:
             with contextlib.suppress(ValueError, OSError):
                 limits[name] = resource.getrlimit(limit)
     return limits
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 512):
-            pass
-
-
-def _ignore(signum: int, frame: FrameType | None) -> None:
-    """Does nothing: the signal only wakes the select() through the wakeup fd."""
-
-
-@contextlib.contextmanager
-def _signals_routed(handler: Any) -> Iterator[tuple[int, list[int]]]:
-    """Route SIGINT, SIGTERM and SIGHUP to `handler`; yield an fd they make readable, and the
-    ones that were ignored (they stay ignored, and dbt inherits them so)."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    previous: dict[int, Any] = {}
-    ignored: list[int] = []
-    try:
-        for signum in FORWARDED:
-            if signal.getsignal(signum) is signal.SIG_IGN:
-                ignored.append(int(signum))
-            else:
-                previous[signum] = signal.signal(signum, handler)
-        yield read_fd, ignored
-    finally:
-        for routed, old in previous.items():
-            signal.signal(routed, signal.SIG_DFL if old is None else old)
-        signal.set_wakeup_fd(previous_wakeup)
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 # --- starting a warm process ----------------------------------------------------------------
@@ -633,7 +598,7 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError):
         return None
     # Taken apart by type, never converted: a pid of `1e400`, `true` or `"12"` is no state.
-    if not isinstance(state, dict) or not lock.is_pid(state.get("pid")):
+    if not isinstance(state, dict) or not procs.is_pid(state.get("pid")):
         return None
     return state
 
@@ -676,7 +641,7 @@ def _rss(pid: int) -> int | None:
 
 
 def _number(value: object) -> float | None:
-    return float(value) if lock.is_finite_number(value) else None
+    return float(value) if procs.is_finite_number(value) else None
 
 
 def _int(value: object) -> int | None:
