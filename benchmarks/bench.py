@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -36,12 +35,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from study import cpu_line, scratch, write_docs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -780,14 +780,6 @@ def make_app_venv(work: Path) -> Path:
 
 
 def machine(bench: Bench) -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     py = bench.run_captured(
         [str(bench.python), "-c", "import platform; print(platform.python_version())"]
     )
@@ -802,7 +794,7 @@ def machine(bench: Bench) -> list[str]:
         ]
     )
     return [
-        f"CPU: {cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}",
+        cpu_line(),
         f"Python {py.strip()}; in dbtvenv's venv: {versions.strip().rstrip(',')}",
         f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"pip cache: {bench.pip_cache} for both sides of every pip comparison; pip and uv "
@@ -836,27 +828,6 @@ def table(results: Results, header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, text: str) -> None:
-    current = path.read_text() if path.exists() else f"{DOCS_BEGIN}\n{DOCS_END}\n"
-    start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    if start < 0 or end < start:
-        current += f"\n{DOCS_BEGIN}\n{DOCS_END}\n"
-        start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    path.write_text(current[: start + len(DOCS_BEGIN)] + "\n" + text + current[end:])
-
-
-@contextmanager
-def scratch(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-dbtvenv-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"kept {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (about 2 minutes)")
@@ -887,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = QUICK if args.quick else FULL
     sections = set(args.sections)
     started = time.monotonic()
-    with scratch(args.keep) as work:
+    with scratch("bench-dbtvenv-", args.keep) as work:
         app = args.app_venv.absolute() if args.app_venv else make_app_venv(work)
         bench = Bench(work, app, counts, args.pip_cache)
         baseline = bench.cold_pip() if "b" in sections else None
@@ -917,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_docs and not (args.quick and args.docs == parser.get_default("docs")):
-        write_docs(args.docs, text)
+        write_docs(args.docs, text, DOCS_BEGIN, DOCS_END)
         print(f"written to {args.docs}")
     return 0
 

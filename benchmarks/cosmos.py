@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import sqlite3
@@ -35,10 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from study import cpu_line, scratch, write_docs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DAGS = REPO / "examples" / "cosmos" / "dags"
@@ -340,12 +341,6 @@ def table(sides: Sequence[Side], header: Sequence[str]) -> str:
 
 
 def machine(bench: Bench) -> list[str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     versions = bench.capture(
         bench.bin / "python",
         "-c",
@@ -355,34 +350,13 @@ def machine(bench: Bench) -> list[str]:
         "    print(d, m.version(d), end=', ')",
     )
     return [
-        f"CPU: {cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}",
+        cpu_line(),
         versions.strip().rstrip(","),
         f"dbt: {', '.join(REQUIREMENTS)}, both sides; date: "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "local+warm: "
         + ("measured" if bench.has_warm else "not measured: this dbtvenv has no --warm yet"),
     ]
-
-
-def write_docs(path: Path, text: str) -> None:
-    current = path.read_text()
-    start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    if start < 0 or end < start:
-        current += f"\n{DOCS_BEGIN}\n{DOCS_END}\n"
-        start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    path.write_text(current[: start + len(DOCS_BEGIN)] + "\n" + text + current[end:])
-
-
-@contextlib.contextmanager
-def scratch(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-cosmos-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"kept {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    with scratch(args.keep) as work:
+    with scratch("bench-cosmos-", args.keep) as work:
         bench = Bench(work, args.airflow_venv.absolute() if args.airflow_venv else None)
         if args.select:
             bench.env["COSMOS_SELECT"] = args.select
@@ -411,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_docs:
-        write_docs(args.docs, text)
+        write_docs(args.docs, text, DOCS_BEGIN, DOCS_END)
         print(f"written to {args.docs}")
     return 0
 

@@ -35,11 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from study import cpu_line, scratch, write_docs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "jaffle_duckdb"
@@ -332,17 +333,9 @@ def make_app_venv(work: Path) -> Path:
 
 
 def machine() -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return [
-        f"CPU: {cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}",
+        cpu_line(),
         f"Python {platform.python_version()}; dbt-core and dbt-duckdb 1.11 (uv build)",
         f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
         f"load average at the end: {load}",
@@ -365,27 +358,6 @@ def table(bench: Bench, header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, text: str) -> None:
-    current = path.read_text() if path.exists() else ""
-    start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    if start < 0 or end < start:
-        current += f"\n{DOCS_BEGIN}\n{DOCS_END}\n"
-        start, end = current.find(DOCS_BEGIN), current.find(DOCS_END)
-    path.write_text(current[: start + len(DOCS_BEGIN)] + "\n" + text + current[end:])
-
-
-@contextmanager
-def scratch(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-warm-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"kept {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (about 2 minutes)")
@@ -396,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = QUICK if args.quick else FULL
     started = time.monotonic()
-    with scratch(args.keep) as work:
+    with scratch("bench-warm-", args.keep) as work:
         app = args.app_venv.absolute() if args.app_venv else make_app_venv(work)
         bench = Bench(work, app)
         try:
@@ -419,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_docs and not args.quick:
-        write_docs(args.docs, text)
+        write_docs(args.docs, text, DOCS_BEGIN, DOCS_END)
         print(f"written to {args.docs}")
     return 0
 
