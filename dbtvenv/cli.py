@@ -400,8 +400,8 @@ def env_info(as_json: bool, **params: Any) -> int:
     return commands.env_info(_env_options(params), as_json=as_json)
 
 
-@env_group.command("list")
-@click.option(
+# The cache dir of the env commands that take no spec (list, rm, stop-warm, gc).
+venv_dir_option = click.option(
     "--venv-dir",
     metavar="DIR",
     envvar="DBTVENV_VENV_DIR",
@@ -409,6 +409,10 @@ def env_info(as_json: bool, **params: Any) -> int:
     shell_complete=_complete_dir,
     help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
 )
+
+
+@env_group.command("list")
+@venv_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per env, in an array.")
 def env_list(venv_dir: str | None, as_json: bool) -> int:
     """List the envs in a cache dir.
@@ -426,14 +430,7 @@ def env_list(venv_dir: str | None, as_json: bool) -> int:
 
 
 @env_group.command("rm")
-@click.option(
-    "--venv-dir",
-    metavar="DIR",
-    envvar="DBTVENV_VENV_DIR",
-    show_envvar=True,
-    shell_complete=_complete_dir,
-    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
-)
+@venv_dir_option
 @click.option("--all", "remove_all", is_flag=True, help="Remove every env in the cache dir.")
 @click.option("--force", is_flag=True, help="Remove envs even while dbt runs in them.")
 @click.option(
@@ -465,14 +462,7 @@ def env_rm(
 
 
 @env_group.command("stop-warm")
-@click.option(
-    "--venv-dir",
-    metavar="DIR",
-    envvar="DBTVENV_VENV_DIR",
-    show_envvar=True,
-    shell_complete=_complete_dir,
-    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
-)
+@venv_dir_option
 @click.option(
     "--all",
     "stop_all",
@@ -496,14 +486,7 @@ def env_stop_warm(venv_dir: str | None, stop_all: bool, keys: tuple[str, ...]) -
 
 
 @env_group.command("gc")
-@click.option(
-    "--venv-dir",
-    metavar="DIR",
-    envvar="DBTVENV_VENV_DIR",
-    show_envvar=True,
-    shell_complete=_complete_dir,
-    help="The cache dir, as given to runs, e.g. ~/.cache/dbtvenv.",
-)
+@venv_dir_option
 @click.option(
     "--older-than",
     default="30d",
